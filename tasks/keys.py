@@ -1,0 +1,37 @@
+"""Every Redis key name the project uses, built in one place.
+
+Keys of one connection share the hash tag ``{conn:<id>}`` so that every key a script
+touches for that connection lives in one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "hipchat-poller"
+
+    def _conn(self, connection_id: int) -> str:
+        return f"{self.prefix}:{{conn:{connection_id}}}"
+
+    def bucket(self, connection_id: int) -> str:
+        """Hash {tokens, ts}: the connection's token bucket."""
+        return f"{self._conn(connection_id)}:bucket"
+
+    def bucket_ceiling(self, connection_id: int) -> str:
+        """Hash {remaining, reset_at}: HipChat's own budget, which shrinks ours until reset."""
+        return f"{self._conn(connection_id)}:ceiling"
+
+    def poll_lease(self, connection_id: int) -> str:
+        """String: owner of the running poll of this connection (SET NX PX)."""
+        return f"{self._conn(connection_id)}:poll-lease"
+
+    def poll_slot(self, connection_id: int) -> str:
+        """String: marks that this connection was polled in the current interval."""
+        return f"{self._conn(connection_id)}:poll-slot"
+
+    def send_order(self, connection_id: int, room_id: int | str) -> str:
+        """String lock: serialises sends to one room so their order holds under retries."""
+        return f"{self._conn(connection_id)}:send-order:{room_id}"

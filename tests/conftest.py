@@ -1,0 +1,74 @@
+"""Shared fixtures: real services on loopback, per-test isolation, the emulator.
+
+Integration tests need Redis and PostgreSQL. A missing service fails the test with a clear
+message; it never skips, so CI cannot pass without them. Tests never FLUSHDB: each test
+gets its own key prefix and deletes only its own keys, so suites may run side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+import redis
+
+pytest_plugins = ["tests.fixtures_emulator"]
+
+REDIS_URL = os.environ.get("HIPCHAT_POLLER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "HIPCHAT_POLLER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def _real_redis() -> redis.Redis:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is required at {REDIS_URL} and is not answering: {exc}")
+    return client
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"hp-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def real_redis(key_prefix: str) -> Iterator[redis.Redis]:
+    client = _real_redis()
+    yield client
+    for key in client.scan_iter(match=f"{key_prefix}*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+def any_redis(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[redis.Redis]:
+    """The same behaviour test against fakeredis (fast path) and real Redis."""
+    if request.param == "fakeredis":
+        yield fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        return
+    yield request.getfixturevalue("real_redis")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    import psycopg
+
+    name = f"hp_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.Error as exc:
+        pytest.fail(f"PostgreSQL is required at {POSTGRES_ADMIN_URL} and is not answering: {exc}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
