@@ -16,9 +16,10 @@ class Keys:
     def _conn(self, connection_id: int) -> str:
         return f"{self.prefix}:{{conn:{connection_id}}}"
 
-    def bucket(self, connection_id: int) -> str:
-        """Hash {tokens, ts}: the connection's token bucket."""
-        return f"{self._conn(connection_id)}:bucket"
+    def bucket_log(self, connection_id: int) -> str:
+        """Sorted set: the calls granted in the last window, scored by their Redis TIME in
+        microseconds (the sliding log :mod:`tasks.bucket` enforces)."""
+        return f"{self._conn(connection_id)}:bucket-log"
 
     def bucket_ceiling(self, connection_id: int) -> str:
         """Hash {remaining, reset_at}: HipChat's own budget, which shrinks ours until reset."""
@@ -35,3 +36,7 @@ class Keys:
     def send_order(self, connection_id: int, room_id: int | str) -> str:
         """String lock: serialises sends to one room so their order holds under retries."""
         return f"{self._conn(connection_id)}:send-order:{room_id}"
+
+    def drain_lock(self, subscription_id: int) -> str:
+        """String lock: one worker at a time drains a subscription's outbox, in order."""
+        return f"{self.prefix}:{{sub:{subscription_id}}}:drain"

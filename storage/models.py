@@ -1,0 +1,260 @@
+"""The relational model: connections, subscriptions, watermarks, known rooms, the outbox.
+
+Enumerations are short strings guarded by CHECK constraints (portable, trivially migrated).
+Every datetime is an aware UTC ``datetime`` on both backends (see :class:`UTCDateTime`).
+
+Priming markers live in ``watermarks`` so that one upsert serves every stream:
+
+* ``(connection_id, 0, 'rooms')``: the connection's room list has been primed;
+* ``(connection_id, room_id, 'participants')``: that room's participant list has been primed;
+* ``(connection_id, room_id, 'history')``: the newest history item seen in that room.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+CONNECTION_STATES = ("active", "paused", "auth_failed")
+SUBSCRIPTION_STATES = ("active", "paused", "error")
+TARGET_KINDS = ("webhook", "log", "action", "handler")
+OUTBOX_STATES = ("pending", "dispatched", "delivered", "dead")
+ROOM_EVENTS = (
+    "room_message",
+    "room_file_upload",
+    "room_notification",
+    "room_topic_change",
+    "room_enter",
+    "room_exit",
+)
+ROOM_LIST_EVENTS = ("room_created", "room_archived", "room_unarchived", "room_deleted")
+EVENTS = ROOM_EVENTS + ROOM_LIST_EVENTS
+
+STREAM_HISTORY = "history"
+STREAM_ROOMS = "rooms"
+STREAM_PARTICIPANTS = "participants"
+STREAMS = (STREAM_HISTORY, STREAM_ROOMS, STREAM_PARTICIPANTS)
+ROOM_LIST_ROOM_ID = 0  # the room_id of the per-connection 'rooms' marker
+
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+# Stable constraint names: Alembic needs them, and storage.db maps them to messages.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC in, aware UTC out, on every backend.
+
+    PostgreSQL stores ``timestamptz``. SQLite has no time zones: values are stored as naive
+    UTC text (fixed width, so text order is time order) and read back as aware UTC.
+    A naive datetime is refused: its meaning would depend on the host's clock settings.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("naive datetime given; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments INTEGER PRIMARY KEY, not BIGINT.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSONDocument}
+
+
+class Connection(Base):
+    """One HipChat base URL plus one personal access token (stored encrypted)."""
+
+    __tablename__ = "connections"
+    __table_args__ = (
+        UniqueConstraint("name"),
+        CheckConstraint(_in("state", CONNECTION_STATES), name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    base_url: Mapped[str] = mapped_column(Text)
+    token_encrypted: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="active")
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    # Seconds into each poll interval at which this connection polls, derived from the
+    # name so that connections spread over the interval and keep their slot across restarts.
+    poll_offset_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    last_poll_at: Mapped[datetime | None]
+    last_poll_status: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    def __repr__(self) -> str:  # never shows the token, not even encrypted
+        return f"Connection(id={self.id!r}, name={self.name!r}, state={self.state!r})"
+
+
+class Subscription(Base):
+    """One trigger: an event in a room (or the room list) sent to one downstream target."""
+
+    __tablename__ = "subscriptions"
+    __table_args__ = (
+        UniqueConstraint("connection_id", "name"),
+        CheckConstraint(_in("event", EVENTS), name="event"),
+        CheckConstraint(_in("target_kind", TARGET_KINDS), name="target_kind"),
+        CheckConstraint(_in("state", SUBSCRIPTION_STATES), name="state"),
+        CheckConstraint("backfill >= 0", name="backfill"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(
+        ForeignKey("connections.id", ondelete="CASCADE"), index=True
+    )
+    event: Mapped[str] = mapped_column(String(32))
+    room: Mapped[str | None] = mapped_column(Text)  # as the user wrote it: name or id
+    room_id: Mapped[int | None] = mapped_column(BigInteger)  # resolved by the poller
+    filter: Mapped[str | None] = mapped_column(Text)  # regex, validated by the caller
+    target_kind: Mapped[str] = mapped_column(String(16))
+    target: Mapped[dict[str, Any]]
+    backfill: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="active")
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    primed_at: Mapped[datetime | None]  # null until the first poll recorded the room's state
+    name: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    def __repr__(self) -> str:
+        return (
+            f"Subscription(id={self.id!r}, connection_id={self.connection_id!r}, "
+            f"event={self.event!r}, room={self.room!r}, state={self.state!r})"
+        )
+
+
+class Watermark(Base):
+    """The newest item seen per (connection, room, stream); also the priming markers."""
+
+    __tablename__ = "watermarks"
+    __table_args__ = (CheckConstraint(_in("stream", STREAMS), name="stream"),)
+
+    connection_id: Mapped[int] = mapped_column(
+        ForeignKey("connections.id", ondelete="CASCADE"), primary_key=True
+    )
+    room_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    stream: Mapped[str] = mapped_column(String(16), primary_key=True)
+    last_id: Mapped[str | None] = mapped_column(Text)  # null for the priming markers
+    last_date: Mapped[datetime]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class KnownRoom(Base):
+    """The connection's room list as last seen, diffed for room_created/archived/deleted."""
+
+    __tablename__ = "known_rooms"
+
+    connection_id: Mapped[int] = mapped_column(
+        ForeignKey("connections.id", ondelete="CASCADE"), primary_key=True
+    )
+    room_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    privacy: Mapped[str] = mapped_column(String(16))
+    is_archived: Mapped[bool]
+    topic: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class KnownParticipant(Base):
+    """A room's participant list as last seen, diffed for room_enter/room_exit."""
+
+    __tablename__ = "known_participants"
+
+    connection_id: Mapped[int] = mapped_column(
+        ForeignKey("connections.id", ondelete="CASCADE"), primary_key=True
+    )
+    room_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    mention_name: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class OutboxEvent(Base):
+    """One event for one subscription, written in the same transaction as the watermark."""
+
+    __tablename__ = "outbox_events"
+    __table_args__ = (
+        UniqueConstraint("idempotency_key"),
+        CheckConstraint(_in("state", OUTBOX_STATES), name="state"),
+        Index("ix_outbox_events_state_dispatched_at", "state", "dispatched_at"),
+        Index("ix_outbox_events_state_created_at", "state", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(
+        ForeignKey("connections.id", ondelete="CASCADE"), index=True
+    )
+    subscription_id: Mapped[int] = mapped_column(
+        ForeignKey("subscriptions.id", ondelete="CASCADE"), index=True
+    )
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    event: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    outcome: Mapped[str | None] = mapped_column(Text)  # one line from the target on delivery
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    dispatched_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]
+
+    def __repr__(self) -> str:
+        return (
+            f"OutboxEvent(id={self.id!r}, key={self.idempotency_key!r}, "
+            f"event={self.event!r}, state={self.state!r})"
+        )

@@ -1,0 +1,133 @@
+"""The known room set and the known participants per room: the baselines that the room-list
+and participant diffs compare against.
+
+Each ``replace_*`` writes only what changed and sets the stream's priming marker (see
+:mod:`storage.models`) in the same transaction, so "primed" always means "baseline stored".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from storage.db import chunks, upsert
+from storage.models import (
+    ROOM_LIST_ROOM_ID,
+    STREAM_PARTICIPANTS,
+    STREAM_ROOMS,
+    KnownParticipant,
+    KnownRoom,
+    utcnow,
+)
+from storage.watermarks import is_primed, mark_stream_primed
+
+
+@dataclass(frozen=True, slots=True)
+class RoomSnapshot:
+    room_id: int
+    name: str
+    privacy: str
+    is_archived: bool
+    topic: str | None = None
+
+    @classmethod
+    def of(cls, room: Any) -> RoomSnapshot:
+        """From any object with HipChat's room attributes (id, name, privacy, is_archived,
+        topic), such as a parsed room stub."""
+        topic = getattr(room, "topic", None)
+        return cls(int(room.id), room.name, room.privacy, bool(room.is_archived), topic)
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantSnapshot:
+    user_id: int
+    name: str
+    mention_name: str
+
+    @classmethod
+    def of(cls, user: Any) -> ParticipantSnapshot:
+        """From any object with HipChat's user attributes (id, name, mention_name)."""
+        return cls(int(user.id), user.name, user.mention_name)
+
+
+def known_rooms(s: Session, conn_id: int) -> dict[int, KnownRoom]:
+    query = select(KnownRoom).where(KnownRoom.connection_id == conn_id)
+    rows = s.scalars(query.execution_options(populate_existing=True))
+    return {room.room_id: room for room in rows}
+
+
+def rooms_primed(s: Session, conn_id: int) -> bool:
+    return is_primed(s, conn_id, ROOM_LIST_ROOM_ID, STREAM_ROOMS)
+
+
+def replace_known_rooms(
+    s: Session, conn_id: int, rooms: Sequence[RoomSnapshot], *, at: datetime | None = None
+) -> None:
+    """Make the stored room set equal to ``rooms`` and mark the room list primed."""
+    now = at or utcnow()
+    existing = {rid: _room_snapshot(row) for rid, row in known_rooms(s, conn_id).items()}
+    wanted = {room.room_id: room for room in rooms}
+    for part in chunks([rid for rid in existing if rid not in wanted]):
+        s.execute(
+            delete(KnownRoom).where(KnownRoom.connection_id == conn_id, KnownRoom.room_id.in_(part))
+        )
+    changed = [
+        {"connection_id": conn_id, **asdict(room), "updated_at": now}
+        for rid, room in wanted.items()
+        if existing.get(rid) != room
+    ]
+    upsert(s, KnownRoom, changed, ["connection_id", "room_id"])
+    mark_stream_primed(s, conn_id, ROOM_LIST_ROOM_ID, STREAM_ROOMS, now)
+
+
+def known_participants(s: Session, conn_id: int, room_id: int) -> dict[int, KnownParticipant]:
+    query = select(KnownParticipant).where(
+        KnownParticipant.connection_id == conn_id, KnownParticipant.room_id == room_id
+    )
+    rows = s.scalars(query.execution_options(populate_existing=True))
+    return {row.user_id: row for row in rows}
+
+
+def participants_primed(s: Session, conn_id: int, room_id: int) -> bool:
+    return is_primed(s, conn_id, room_id, STREAM_PARTICIPANTS)
+
+
+def replace_participants(
+    s: Session,
+    conn_id: int,
+    room_id: int,
+    participants: Sequence[ParticipantSnapshot],
+    *,
+    at: datetime | None = None,
+) -> None:
+    """Make the stored participants of one room equal to ``participants``; mark it primed."""
+    now = at or utcnow()
+    existing = {
+        uid: ParticipantSnapshot(uid, row.name, row.mention_name)
+        for uid, row in known_participants(s, conn_id, room_id).items()
+    }
+    wanted = {p.user_id: p for p in participants}
+    for part in chunks([uid for uid in existing if uid not in wanted]):
+        s.execute(
+            delete(KnownParticipant).where(
+                KnownParticipant.connection_id == conn_id,
+                KnownParticipant.room_id == room_id,
+                KnownParticipant.user_id.in_(part),
+            )
+        )
+    changed = [
+        {"connection_id": conn_id, "room_id": room_id, **asdict(p), "updated_at": now}
+        for uid, p in wanted.items()
+        if existing.get(uid) != p
+    ]
+    upsert(s, KnownParticipant, changed, ["connection_id", "room_id", "user_id"])
+    mark_stream_primed(s, conn_id, room_id, STREAM_PARTICIPANTS, now)
+
+
+def _room_snapshot(row: KnownRoom) -> RoomSnapshot:
+    return RoomSnapshot(row.room_id, row.name, row.privacy, row.is_archived, row.topic)

@@ -1,0 +1,102 @@
+"""Watermarks: the newest item seen per (connection, room, stream), and priming markers.
+
+A watermark only moves forward in time: an advance carrying an older date than the stored
+one changes nothing, so a late or replayed poll can never make old items look new.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from storage.db import dialect_insert
+from storage.models import STREAMS, Watermark, utcnow
+from tasks.errors import ValidationError
+
+# The date of a watermark that has seen nothing: older than any item, so all come after it.
+EMPTY_DATE = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def get_watermark(s: Session, conn_id: int, room_id: int, stream: str) -> Watermark | None:
+    query = select(Watermark).where(
+        Watermark.connection_id == conn_id,
+        Watermark.room_id == room_id,
+        Watermark.stream == stream,
+    )
+    # The row may have been changed by a Core upsert since it entered the identity map.
+    return s.scalars(query.execution_options(populate_existing=True)).one_or_none()
+
+
+def advance_watermark(
+    s: Session,
+    conn_id: int,
+    room_id: int,
+    stream: str,
+    last_id: str | None,
+    last_date: datetime,
+) -> Watermark:
+    """Upsert the watermark unless the stored one is newer; returns the row as it now stands.
+
+    An equal date moves ``last_id`` (items can share a timestamp; the caller passes the last
+    one of its ordered page).
+    """
+    _check(stream)
+    insert = dialect_insert(s)(Watermark).values(
+        connection_id=conn_id,
+        room_id=room_id,
+        stream=stream,
+        last_id=last_id,
+        last_date=last_date,
+        updated_at=utcnow(),
+    )
+    s.execute(
+        insert.on_conflict_do_update(
+            index_elements=["connection_id", "room_id", "stream"],
+            set_={
+                "last_id": insert.excluded.last_id,
+                "last_date": insert.excluded.last_date,
+                "updated_at": insert.excluded.updated_at,
+            },
+            where=Watermark.last_date <= insert.excluded.last_date,
+        )
+    )
+    watermark = get_watermark(s, conn_id, room_id, stream)
+    assert watermark is not None  # just upserted in this transaction
+    return watermark
+
+
+def is_primed(s: Session, conn_id: int, room_id: int, stream: str) -> bool:
+    return get_watermark(s, conn_id, room_id, stream) is not None
+
+
+def mark_stream_primed(s: Session, conn_id: int, room_id: int, stream: str, at: datetime) -> None:
+    """Record that a snapshot stream (room list, participants) has a baseline as of ``at``."""
+    advance_watermark(s, conn_id, room_id, stream, None, at)
+
+
+def mark_empty(s: Session, conn_id: int, room_id: int, stream: str) -> Watermark:
+    """Record that the stream was looked at and held nothing (an empty room at priming).
+
+    Creates ``(last_id=None, last_date=EMPTY_DATE)`` only if no watermark exists yet; an
+    existing watermark is returned unchanged.
+    """
+    _check(stream)
+    insert = dialect_insert(s)(Watermark).values(
+        connection_id=conn_id,
+        room_id=room_id,
+        stream=stream,
+        last_id=None,
+        last_date=EMPTY_DATE,
+        updated_at=utcnow(),
+    )
+    s.execute(insert.on_conflict_do_nothing(index_elements=["connection_id", "room_id", "stream"]))
+    watermark = get_watermark(s, conn_id, room_id, stream)
+    assert watermark is not None  # inserted above or already there
+    return watermark
+
+
+def _check(stream: str) -> None:
+    if stream not in STREAMS:
+        raise ValidationError(f"unknown watermark stream {stream!r}: one of {STREAMS}")

@@ -1,0 +1,145 @@
+"""The Celery tasks: thin shells that load what they need, call plain functions, retry.
+
+Task arguments carry ids and names only, never a token or a secret.
+
+* ``hipchat.poll_connection(connection_id, interval_index)`` (queue ``hipchat.polls``)
+* ``hipchat.relay_outbox()`` (queue ``hipchat.polls``)
+* ``hipchat.deliver(subscription_id)`` (queue ``hipchat.actions``)
+* ``hipchat.action.<name>(connection, ...)`` (queue ``hipchat.actions``): the actions of
+  the seeds, callable by name with ``send_task``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from celery import Task, shared_task
+
+from storage import outbox
+from tasks.actions import Actions
+from tasks.delivery import drain
+from tasks.errors import RetryLater
+from tasks.poll import poll_connection
+from tasks.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+DELIVER_TASK = "hipchat.deliver"
+
+
+def enqueue_deliveries(task: Task, rt: Runtime, dispatch: dict[int, list[int]]) -> None:
+    """After commit: one drain per subscription that got events, then mark them dispatched."""
+    for subscription_id, event_ids in dispatch.items():
+        task.app.send_task(DELIVER_TASK, args=[subscription_id])
+        with rt.db.session() as s:
+            outbox.mark_dispatched(s, event_ids, datetime.now(UTC))
+
+
+@shared_task(bind=True, name="hipchat.poll_connection", acks_late=True, max_retries=5)
+def poll_connection_task(self: Task, connection_id: int, interval_index: int | None = None) -> str:
+    rt = Runtime.of(self.app)
+    interval = rt.settings.poll_interval_seconds
+    first_try = self.request.retries == 0
+    if (
+        interval_index is not None
+        and first_try
+        and not rt.lease.claim_interval(connection_id, interval_index, ttl_seconds=interval * 2)
+    ):
+        return f"connection {connection_id}: already polled in interval {interval_index}"
+    owner = self.request.id or "local"
+    if not rt.lease.acquire(connection_id, owner, ttl_seconds=interval):
+        return f"connection {connection_id}: a poll is already running"
+    try:
+        result = poll_connection(rt, connection_id)
+    except RetryLater as exc:
+        if exc.retry_after >= interval:  # the next interval's poll will do it
+            log.warning("poll conn=%s gave up for this interval: %s", connection_id, exc)
+            return f"connection {connection_id}: deferred to next interval ({exc})"
+        raise self.retry(countdown=exc.retry_after, exc=exc) from exc
+    finally:
+        rt.lease.release(connection_id, owner)
+    enqueue_deliveries(self, rt, result.dispatch)
+    log.info("poll conn=%s %s", connection_id, result.status)
+    return f"connection {connection_id}: {result.status}"
+
+
+@shared_task(bind=True, name="hipchat.deliver", acks_late=True, max_retries=None)
+def deliver_task(self: Task, subscription_id: int) -> str:
+    rt = Runtime.of(self.app)
+    result = drain(rt, subscription_id)
+    if result.busy:
+        # Another worker is draining; try again shortly so nothing it missed is left behind.
+        raise self.retry(countdown=1.0, max_retries=30)
+    if result.retry_after is not None:
+        raise self.retry(countdown=max(0.05, result.retry_after))
+    return f"subscription {subscription_id}: delivered {result.delivered}, dead {result.dead}"
+
+
+@shared_task(bind=True, name="hipchat.relay_outbox", acks_late=True)
+def relay_outbox_task(self: Task) -> str:
+    """Re-enqueue drains for events a dead worker committed but never handed over."""
+    rt = Runtime.of(self.app)
+    cutoff = datetime.now(UTC) - timedelta(seconds=rt.settings.relay_min_age_seconds)
+    with rt.db.session() as s:
+        stale = outbox.undispatched(s, older_than=cutoff, limit=1000)
+        dispatch: dict[int, list[int]] = {}
+        for event in stale:
+            dispatch.setdefault(event.subscription_id, []).append(event.id)
+    enqueue_deliveries(self, rt, dispatch)
+    return f"relayed {sum(map(len, dispatch.values()))} events"
+
+
+def _action(app: Any, connection: int | str) -> Actions:
+    return Actions(Runtime.of(app), connection)
+
+
+def _retrying(task: Task, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except RetryLater as exc:
+        raise task.retry(countdown=exc.retry_after, exc=exc, max_retries=10) from exc
+
+
+@shared_task(bind=True, ignore_result=False, name="hipchat.action.list_room_users")
+def list_room_users_task(self: Task, connection: int | str, room: int | str) -> dict[str, Any]:
+    return _retrying(self, lambda: _action(self.app, connection).list_room_users(room))  # type: ignore[no-any-return]
+
+
+@shared_task(bind=True, ignore_result=False, name="hipchat.action.get_user")
+def get_user_task(self: Task, connection: int | str, user: int | str) -> dict[str, Any]:
+    return _retrying(self, lambda: _action(self.app, connection).get_user(user))  # type: ignore[no-any-return]
+
+
+@shared_task(bind=True, ignore_result=False, name="hipchat.action.post_message")
+def post_message_task(
+    self: Task, connection: int | str, room: int | str, message: str
+) -> dict[str, Any]:
+    return _retrying(self, lambda: _action(self.app, connection).post_message(room, message))  # type: ignore[no-any-return]
+
+
+@shared_task(bind=True, ignore_result=False, name="hipchat.action.send_notification")
+def send_notification_task(
+    self: Task,
+    connection: int | str,
+    room: int | str,
+    message: str,
+    color: str = "yellow",
+    message_format: str = "html",
+    notify: bool = False,
+    from_: str | None = None,
+) -> dict[str, Any]:
+    return _retrying(
+        self,
+        lambda: _action(self.app, connection).send_notification(  # type: ignore[no-any-return]
+            room, message, color=color, message_format=message_format, notify=notify, from_=from_
+        ),
+    )
+
+
+@shared_task(bind=True, ignore_result=False, name="hipchat.action.add_member")
+def add_member_task(
+    self: Task, connection: int | str, room: int | str, user: int | str
+) -> dict[str, Any]:
+    return _retrying(self, lambda: _action(self.app, connection).add_member(room, user))  # type: ignore[no-any-return]

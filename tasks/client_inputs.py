@@ -1,0 +1,202 @@
+"""Checking and encoding what callers pass to :class:`tasks.client.HipChatClient`.
+
+Everything here runs before any request is made and raises
+:class:`tasks.errors.ValidationError` listing every problem. Messages name the field and the
+limit, never the value: a message body may be private and a token is never an argument here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import mimetypes
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+from tasks.errors import ValidationError
+from tasks.hipchat_types import format_datetime
+
+MESSAGE_MAX_CHARS = 1000
+NOTIFICATION_MAX_CHARS = 10_000
+FROM_MAX_CHARS = 64
+ATTACH_TO_MAX_CHARS = 36
+ROOM_REF_MAX_CHARS = 100
+ROOM_NAME_MAX_CHARS = 50
+COLORS = frozenset({"yellow", "green", "red", "purple", "gray", "random"})
+MESSAGE_FORMATS = frozenset({"html", "text"})
+PRIVACIES = frozenset({"public", "private"})
+ROOM_ROLES = frozenset({"room_member", "room_admin"})
+
+RoomRef = int | str
+UserRef = int | str
+
+
+def _fail(what: str, errors: list[str]) -> None:
+    if errors:
+        raise ValidationError(f"{what}: " + "; ".join(errors), errors)
+
+
+def _wrong_type(value: object, kind: type | tuple[type, ...]) -> bool:
+    """Callers are typed, but templates and the command line pass what users typed."""
+    return not isinstance(value, kind)
+
+
+def _length_error(field: str, value: object, low: int, high: int) -> str | None:
+    if not isinstance(value, str):
+        return f"{field} must be a string"
+    if not low <= len(value) <= high:
+        return f"{field} must be {low}..{high} characters, got {len(value)}"
+    return None
+
+
+def _id_or_text(value: object, what: str, max_chars: int) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValidationError(f"{what} id must be a positive integer")
+        return str(value)
+    error = _length_error(f"{what} name", value, 1, max_chars)
+    _fail(what, [error] if error else [])
+    # safe="" so that "/" becomes %2F and " " becomes %20: "+" is answered 404 (§7).
+    return quote(str(value), safe="")
+
+
+def room_segment(room: RoomRef) -> str:
+    """A room id or name as one percent-encoded path segment."""
+    return _id_or_text(room, "room", ROOM_REF_MAX_CHARS)
+
+
+def user_segment(user: UserRef) -> str:
+    """A user id, email or ``@mention`` as one path segment (``@`` becomes ``%40``)."""
+    return _id_or_text(user, "user", ROOM_REF_MAX_CHARS)
+
+
+def check_max_results(value: int, low: int = 0, high: int = 1000) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationError(f"max_results must be an integer within {low}..{high}")
+    return value
+
+
+def date_param(value: datetime | str, field: str) -> str:
+    """A history bound: an aware datetime, ``"recent"``, an ISO-8601 string or epoch digits."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValidationError(f"{field} must be a timezone-aware datetime")
+        return format_datetime(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(f"{field} must be a datetime or a non-empty string")
+    return value
+
+
+def message_body(text: str) -> dict[str, Any]:
+    error = _length_error("message", text, 1, MESSAGE_MAX_CHARS)
+    _fail("send_message", [error] if error else [])
+    return {"message": text}
+
+
+def notification_body(
+    message: str,
+    *,
+    color: str,
+    message_format: str,
+    notify: bool,
+    from_: str | None,
+    card: Mapping[str, Any] | None,
+    attach_to: str | None,
+) -> dict[str, Any]:
+    errors = [_length_error("message", message, 1, NOTIFICATION_MAX_CHARS)]
+    if color not in COLORS:
+        errors.append(f"color must be one of {', '.join(sorted(COLORS))}")
+    if message_format not in MESSAGE_FORMATS:
+        errors.append("message_format must be html or text")
+    if _wrong_type(notify, bool):
+        errors.append("notify must be a boolean")
+    if from_ is not None:
+        errors.append(_length_error("from", from_, 0, FROM_MAX_CHARS))
+    if card is not None and _wrong_type(card, Mapping):
+        errors.append("card must be a mapping")
+    if attach_to is not None:
+        errors.append(_length_error("attach_to", attach_to, 1, ATTACH_TO_MAX_CHARS))
+    _fail("send_notification", [e for e in errors if e])
+    body: dict[str, Any] = {
+        "message": message,
+        "color": color,
+        "message_format": message_format,
+        "notify": notify,
+    }
+    if from_ is not None:
+        body["from"] = from_
+    if card is not None:
+        body["card"] = dict(card)
+    if attach_to is not None:
+        body["attach_to"] = attach_to
+    return body
+
+
+def create_room_body(name: str, privacy: str, topic: str | None) -> dict[str, Any]:
+    errors = [_length_error("name", name, 1, ROOM_NAME_MAX_CHARS)]
+    if privacy not in PRIVACIES:
+        errors.append("privacy must be public or private")
+    if topic is not None and _wrong_type(topic, str):
+        errors.append("topic must be a string")
+    _fail("create_room", [e for e in errors if e])
+    body: dict[str, Any] = {"name": name, "privacy": privacy}
+    if topic is not None:
+        body["topic"] = topic
+    return body
+
+
+def topic_body(topic: str) -> dict[str, Any]:
+    if _wrong_type(topic, str):
+        raise ValidationError("set_topic: topic must be a string")
+    return {"topic": topic}
+
+
+def member_body(roles: Sequence[str] | None) -> dict[str, Any] | None:
+    if roles is None:
+        return None
+    if isinstance(roles, str) or not all(role in ROOM_ROLES for role in roles):
+        raise ValidationError("add_member: roles must be a list of room_member / room_admin")
+    return {"room_roles": list(roles)}
+
+
+def _has_control(value: object) -> bool:
+    return isinstance(value, str) and any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def multipart_related(
+    filename: str, content: bytes, content_type: str | None, message: str | None
+) -> tuple[bytes, str]:
+    """``(body, Content-Type header)`` for ``share/file`` (§4.12): a JSON metadata part and
+    the file as base64, the way hipchat-go and hipchat-rb sent it."""
+    errors = [_length_error("filename", filename, 1, 255)]
+    if isinstance(filename, str) and _has_control(filename):
+        errors.append("filename must not contain control characters")
+    if _wrong_type(content, (bytes, bytearray)):
+        errors.append("content must be bytes")
+    if message is not None:
+        errors.append(_length_error("message", message, 0, MESSAGE_MAX_CHARS))
+    if content_type is not None and (not content_type or _has_control(content_type)):
+        errors.append("content_type must be a single non-empty line")
+    _fail("share_file", [e for e in errors if e])
+    kind = content_type or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    boundary = uuid.uuid4().hex
+    metadata = json.dumps({"message": message or ""})
+    head = (
+        f"--{boundary}\r\n"
+        "Content-Type: application/json; charset=UTF-8\r\n"
+        'Content-Disposition: attachment; name="metadata"\r\n\r\n'
+        f"{metadata}\r\n"
+        f"--{boundary}\r\n"
+        f"Content-Type: {kind}\r\n"
+        "Content-Transfer-Encoding: base64\r\n"
+        f'Content-Disposition: attachment; name="file"; filename="{_quoted(filename)}"\r\n\r\n'
+    ).encode()
+    body = head + base64.b64encode(bytes(content)) + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/related; boundary={boundary}"

@@ -1,0 +1,136 @@
+"""Delivering a subscription's outbox events to its target, in order, each once in effect.
+
+Deliveries of one subscription are drained **in commit order** by one worker at a time (a
+Redis lock per subscription), so a retried send never overtakes a later one: when an event
+must wait (flood control, a webhook down), the drain stops there and is retried after the
+wait, leaving the later events pending behind it.
+
+An event is marked delivered after its target succeeded. A crash in between redelivers it
+(at-least-once); the stable ``Idempotency-Key`` lets a receiver drop the repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from storage import outbox
+from storage import subscriptions as subs
+from tasks.errors import BucketEmpty, InvalidInput, NeedsAttention, RateLimited, RetryLater
+from tasks.runtime import Runtime
+from tasks.subscriptions_api import SubView
+from tasks.targets import deliver
+
+log = logging.getLogger(__name__)
+
+DRAIN_LOCK_SECONDS = 120.0
+MAX_EVENTS_PER_DRAIN = 500
+
+
+@dataclass(frozen=True, slots=True)
+class DrainResult:
+    delivered: int = 0
+    dead: int = 0
+    retry_after: float | None = None  # set when the drain stopped to wait
+    busy: bool = False  # another worker holds this subscription's drain
+
+
+def backoff_seconds(
+    attempt: int, base: float, cap: float, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random, capped."""
+    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    return delay / 2 + (rng or random).uniform(0, delay / 2)
+
+
+def drain(rt: Runtime, subscription_id: int, now: datetime | None = None) -> DrainResult:
+    key = rt.keys.drain_lock(subscription_id)
+    owner = uuid.uuid4().hex
+    if not rt.lease.lock(key, owner, DRAIN_LOCK_SECONDS):
+        return DrainResult(busy=True)
+    try:
+        return _drain_locked(rt, subscription_id, now)
+    finally:
+        rt.lease.unlock(key, owner)
+
+
+def _drain_locked(rt: Runtime, subscription_id: int, now: datetime | None) -> DrainResult:
+    delivered = dead = 0
+    with rt.db.session() as s:
+        row = subs.get_subscription(s, subscription_id)
+        if row is None:
+            return DrainResult()
+        sub = SubView.of(row)
+    for _ in range(MAX_EVENTS_PER_DRAIN):
+        moment = now or datetime.now(UTC)
+        with rt.db.session() as s:
+            event = outbox.next_for_subscription(s, subscription_id, moment)
+            if event is None:
+                break
+            if event.next_attempt_at is not None and event.next_attempt_at > moment:
+                return DrainResult(
+                    delivered, dead, (event.next_attempt_at - moment).total_seconds()
+                )
+            event_id, payload, attempts = event.id, dict(event.payload), event.attempts
+        try:
+            outcome = deliver(rt, sub, payload)
+        except RetryLater as exc:
+            wait = _failed(rt, event_id, attempts + 1, exc, moment)
+            if wait is None:
+                dead += 1
+                continue
+            return DrainResult(delivered, dead, wait)
+        except (InvalidInput, NeedsAttention) as exc:
+            _dead(rt, event_id, attempts + 1, f"{type(exc).__name__}: {exc}", moment)
+            dead += 1
+            continue
+        with rt.db.session() as s:
+            outbox.mark_delivered(s, event_id, moment, outcome)
+        log.info("delivered event=%s sub=%s %s: %s", event_id, sub.id, sub.event, outcome)
+        delivered += 1
+    return DrainResult(delivered, dead)
+
+
+def _failed(
+    rt: Runtime, event_id: int, attempts: int, exc: RetryLater, now: datetime
+) -> float | None:
+    """Record a failed attempt; the wait before the next one, or None if it is now dead.
+
+    A 429 or an empty bucket is not a failure of the target: HipChat or our bucket stated
+    the exact wait, so it is honoured as is and does not count against the attempts.
+    """
+    if isinstance(exc, RateLimited | BucketEmpty):
+        attempts -= 1
+        wait = exc.retry_after
+    elif attempts >= rt.settings.webhook_max_attempts:
+        _dead(rt, event_id, attempts, f"{type(exc).__name__}: {exc}", now)
+        return None
+    else:
+        wait = max(
+            exc.retry_after,
+            backoff_seconds(
+                attempts,
+                rt.settings.webhook_backoff_base_seconds,
+                rt.settings.webhook_backoff_max_seconds,
+            ),
+        )
+    with rt.db.session() as s:
+        outbox.mark_failed(
+            s,
+            event_id,
+            f"{type(exc).__name__}: {exc}",
+            now + timedelta(seconds=wait),
+            dead=False,
+            attempts=attempts,
+        )
+    log.warning("event=%s attempt %d failed (%s); next in %.1fs", event_id, attempts, exc, wait)
+    return wait
+
+
+def _dead(rt: Runtime, event_id: int, attempts: int, error: str, now: datetime) -> None:
+    with rt.db.session() as s:
+        outbox.mark_failed(s, event_id, error, None, dead=True, attempts=attempts)
+    log.error("event=%s dead after %d attempt(s): %s", event_id, attempts, error)

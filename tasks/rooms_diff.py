@@ -1,0 +1,101 @@
+"""Room-list and participant-list diffs: pure functions over two snapshots.
+
+The poll task stores a snapshot (``snapshot(rooms)``, or participants by id), fetches the
+current list, diffs, and commits the events with the new snapshot in one transaction.
+
+Preconditions the caller owns, because a diff cannot tell a partial list from a change:
+
+* ``current`` is the **complete** room list: every page, fetched with
+  ``include-archived=true`` (HipChat leaves archived rooms out by default, reference §4.1) and
+  ``include-private=true``. Then a room that disappears was deleted, not archived.
+* A failed or malformed fetch is never diffed (it would read as "everything was deleted").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tasks.hipchat_types import Room, UserStub
+
+ROOM_EVENTS = frozenset({"room_created", "room_archived", "room_unarchived", "room_deleted"})
+PARTICIPANT_EVENTS = frozenset({"room_enter", "room_exit"})
+
+
+@dataclass(frozen=True)
+class RoomState:
+    """What is stored about a room between polls."""
+
+    id: int
+    name: str
+    privacy: str
+    is_archived: bool
+    topic: str | None
+
+
+@dataclass(frozen=True)
+class RoomChange:
+    """One room event. ``room`` is the fresh :class:`Room` from the list, or the stored
+    :class:`RoomState` for ``room_deleted`` (the room is no longer listed)."""
+
+    event: str
+    room: Room | RoomState
+
+
+def room_state(room: Room) -> RoomState:
+    return RoomState(
+        id=room.id,
+        name=room.name,
+        privacy=room.privacy,
+        is_archived=room.is_archived,
+        topic=room.topic,
+    )
+
+
+def snapshot(rooms: Iterable[Room]) -> dict[int, RoomState]:
+    """The state to store after a poll, keyed by room id."""
+    return {room.id: room_state(room) for room in rooms}
+
+
+def _changes_of(room: Room, before: RoomState | None) -> list[RoomChange]:
+    if before is None:
+        # Created and archived between two polls: both happened, report both, in order.
+        events = ["room_created", "room_archived"] if room.is_archived else ["room_created"]
+    elif room.is_archived != before.is_archived:
+        events = ["room_archived" if room.is_archived else "room_unarchived"]
+    else:
+        events = []  # renames, privacy and topic changes are not room-list events
+    return [RoomChange(event, room) for event in events]
+
+
+def diff_rooms(known: Mapping[int, RoomState], current: list[Room]) -> list[RoomChange]:
+    """Room events between the stored snapshot and the complete current list.
+
+    Order: created/archived/unarchived in the order of ``current``, then deleted rooms by
+    ascending id. Topic changes are not reported here: they come from history items.
+    """
+    changes = [change for room in current for change in _changes_of(room, known.get(room.id))]
+    listed = {room.id for room in current}
+    gone = sorted(room_id for room_id in known if room_id not in listed)
+    return changes + [RoomChange("room_deleted", known[room_id]) for room_id in gone]
+
+
+_Stored = TypeVar("_Stored")
+
+
+def participant_snapshot(users: Iterable[UserStub]) -> dict[int, UserStub]:
+    """The participants to store after a poll, keyed by user id."""
+    return {user.id: user for user in users}
+
+
+def diff_participants(
+    known: Mapping[int, _Stored], current: list[UserStub]
+) -> tuple[list[UserStub], list[_Stored]]:
+    """``(entered, exited)``. ``known`` maps user id to whatever was stored for that user
+    (a ``UserStub``, a row, a JSON dict); exited users are returned as stored, in the order
+    of ``known``. Entered users keep the order of ``current``, duplicates dropped."""
+    entered = list(participant_snapshot(u for u in current if u.id not in known).values())
+    listed = {user.id for user in current}
+    exited = [user for user_id, user in known.items() if user_id not in listed]
+    return entered, exited

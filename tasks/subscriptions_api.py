@@ -1,0 +1,124 @@
+"""Creating subscriptions from validated specs, and the plain view the poller works with."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from storage import connections as conns
+from storage import subscriptions as subs
+from tasks.errors import NeedsAttention, NotFound, RetryLater, ValidationError
+from tasks.runtime import Runtime
+from tasks.subscribe import ROOM_LIST_EVENTS, SubscriptionSpec, validate_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SubView:
+    """A subscription detached from its database session."""
+
+    id: int
+    connection_id: int
+    name: str | None
+    event: str
+    room: str | None
+    room_id: int | None
+    filter: str | None
+    target_kind: str
+    target: dict[str, Any]
+    backfill: int
+    primed_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Any) -> SubView:
+        return cls(
+            id=row.id,
+            connection_id=row.connection_id,
+            name=row.name,
+            event=row.event,
+            room=row.room,
+            room_id=row.room_id,
+            filter=row.filter,
+            target_kind=row.target_kind,
+            target=dict(row.target or {}),
+            backfill=row.backfill or 0,
+            primed_at=row.primed_at,
+        )
+
+    @property
+    def primed(self) -> bool:
+        return self.primed_at is not None
+
+    def summary(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "event": self.event}
+
+
+def stored_target(rt: Runtime, kind: str, target: dict[str, Any]) -> dict[str, Any]:
+    """The target as stored: a webhook secret is encrypted like a token."""
+    stored = dict(target)
+    secret = stored.pop("secret", None)
+    if kind == "webhook" and secret:
+        stored["secret_encrypted"] = rt.cipher.encrypt(str(secret))
+    return stored
+
+
+def resolve_room(rt: Runtime, connection_id: int, room: str) -> tuple[int | None, str]:
+    """The room's id and canonical name, asked of HipChat; (None, room) if it can't answer now.
+
+    An unknown room is refused here, when the user can still fix it.
+    """
+    with rt.db.session() as s:
+        row = conns.get_connection(s, connection_id)
+        if row is None:
+            raise ValidationError(f"no connection {connection_id}")
+        base_url, token = row.base_url, conns.decrypt_token(row, rt.cipher)
+    try:
+        with rt.client(connection_id, base_url, token) as client:
+            found = client.get_room(int(room) if room.isdigit() else room)
+    except NotFound as exc:
+        raise ValidationError(f"room {room!r} not found on this connection") from exc
+    except (RetryLater, NeedsAttention) as exc:
+        log.warning("room %r not resolved now (%s); the first poll will resolve it", room, exc)
+        return None, room
+    return found.id, found.name
+
+
+def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[SubView]:
+    for spec in specs:
+        validate_spec(spec)
+    with rt.db.session() as s:
+        ids = {}
+        for spec in specs:
+            row = conns.get_connection(s, spec.connection)
+            if row is None:
+                raise ValidationError(f"no connection named {spec.connection!r}")
+            ids[spec.connection] = row.id
+    resolved: dict[tuple[int, str], tuple[int | None, str]] = {}
+    for spec in specs:
+        key = (ids[spec.connection], spec.room or "")
+        if spec.room and spec.event not in ROOM_LIST_EVENTS and key not in resolved:
+            resolved[key] = resolve_room(rt, *key)
+    views = []
+    with rt.db.session() as s:
+        for spec in specs:
+            conn_id = ids[spec.connection]
+            room_id, room_name = resolved.get((conn_id, spec.room or ""), (None, spec.room))
+            row = subs.add_subscription(
+                s,
+                conn_id,
+                spec.event,
+                room=room_name,
+                filter=spec.filter,
+                target_kind=spec.target_kind,
+                target=stored_target(rt, spec.target_kind, spec.target),
+                backfill=spec.backfill,
+                name=spec.name,
+            )
+            if room_id is not None:
+                subs.set_room_id(s, row.id, room_id)
+            s.flush()
+            views.append(SubView.of(row))
+    return views

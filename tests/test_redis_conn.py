@@ -1,0 +1,81 @@
+"""The Redis client factory: real clients from a URL, one shared fake server when embedded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import fakeredis
+import redis
+
+from tasks.bucket import TokenBucket
+from tasks.keys import Keys
+from tasks.redis_conn import (
+    HEALTH_CHECK_INTERVAL_SECONDS,
+    SOCKET_CONNECT_TIMEOUT_SECONDS,
+    SOCKET_TIMEOUT_SECONDS,
+    connect,
+    embedded_server,
+)
+from tasks.settings import Settings
+from tests.conftest import REDIS_URL
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_embedded_clients_share_one_server(key_prefix: str) -> None:
+    first, second = connect(Settings()), connect(Settings())
+    assert isinstance(first, fakeredis.FakeRedis)
+    assert first.connection_pool.connection_kwargs["server"] is embedded_server()
+    assert embedded_server() is embedded_server()
+    key = f"{key_prefix}:shared"
+    try:
+        first.set(key, "x")
+        assert second.get(key) == b"x"  # bytes: decode_responses=False
+    finally:
+        first.delete(key)
+
+
+def test_embedded_buckets_share_one_budget(key_prefix: str) -> None:
+    keys = Keys(key_prefix)
+    one = TokenBucket(connect(Settings()), keys, capacity=2)
+    other = TokenBucket(connect(Settings()), keys, capacity=2)
+    try:
+        assert one.take(1).allowed
+        assert other.take(1).allowed
+        assert not one.take(1).allowed
+    finally:
+        one.clear(1)
+
+
+def test_real_client_from_url(real_redis: redis.Redis, key_prefix: str) -> None:
+    client = connect(Settings(redis_url=REDIS_URL))
+    assert type(client) is redis.Redis
+    options = client.connection_pool.connection_kwargs
+    assert options["socket_timeout"] == SOCKET_TIMEOUT_SECONDS
+    assert options["socket_connect_timeout"] == SOCKET_CONNECT_TIMEOUT_SECONDS
+    assert options["health_check_interval"] == HEALTH_CHECK_INTERVAL_SECONDS
+    assert options.get("decode_responses", False) is False
+    client.set(f"{key_prefix}:real", "x")  # real_redis removes it afterwards
+    assert client.get(f"{key_prefix}:real") == b"x"
+    client.close()
+
+
+def test_a_forked_child_gets_its_own_embedded_server() -> None:
+    # In a fresh interpreter: forking this multi-threaded test process is not safe.
+    script = textwrap.dedent(
+        """
+        import os
+        from tasks.redis_conn import embedded_server
+        parent = embedded_server()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if embedded_server() is not parent else 1)
+        _, status = os.waitpid(pid, 0)
+        raise SystemExit(os.waitstatus_to_exitcode(status))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=20, check=False)
+    assert done.returncode == 0

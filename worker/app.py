@@ -1,0 +1,73 @@
+"""The Celery application: queues, routes, serialisation, events for Flower.
+
+Built by :func:`create_app` from an explicit :class:`~tasks.settings.Settings`; the module
+``worker.celery_app`` builds the one instance that ``celery -A`` and the CLI use.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from tasks.runtime import Runtime
+from tasks.settings import Settings
+
+POLL_QUEUE = "hipchat.polls"
+ACTION_QUEUE = "hipchat.actions"
+
+TASK_ROUTES = {
+    "hipchat.poll_connection": {"queue": POLL_QUEUE},
+    "hipchat.relay_outbox": {"queue": POLL_QUEUE},
+    "hipchat.deliver": {"queue": ACTION_QUEUE},
+    "hipchat.action.*": {"queue": ACTION_QUEUE},
+}
+
+
+def broker_url_for(settings: Settings) -> str:
+    if settings.broker_url:
+        return settings.broker_url
+    if settings.redis_url:
+        return settings.redis_url
+    return "memory://"
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery("hipchat_poller", set_as_current=True)
+    broker = broker_url_for(settings)
+    app.conf.update(
+        broker_url=broker,
+        broker_connection_retry_on_startup=True,
+        # Polling the in-process memory broker every second would make the embedded demo
+        # lag; Redis uses BRPOP and ignores this.
+        broker_transport_options={"polling_interval": 0.1} if broker == "memory://" else {},
+        task_default_queue=ACTION_QUEUE,
+        task_queues=[
+            Queue(POLL_QUEUE, Exchange(POLL_QUEUE), routing_key=POLL_QUEUE),
+            Queue(ACTION_QUEUE, Exchange(ACTION_QUEUE), routing_key=ACTION_QUEUE),
+        ],
+        task_routes=TASK_ROUTES,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # Polls and deliveries keep no result; the action tasks do, for send_task callers.
+        task_ignore_result=True,
+        result_backend=settings.redis_url or "cache+memory://",
+        result_expires=3600,
+        # A task is acknowledged after it ran, so a worker that dies mid-task gives it back;
+        # every task is idempotent (leases, outbox keys) so a redelivery is harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Flower sees every task.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        beat_scheduler="worker.scheduler:ConnectionScheduler",
+        beat_max_loop_interval=min(5.0, settings.poll_interval_seconds),
+        timezone="UTC",
+        enable_utc=True,
+        worker_hijack_root_logger=False,
+        imports=["tasks.celery_tasks"],
+    )
+    Runtime.attach(app, settings)
+    return app

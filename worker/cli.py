@@ -1,0 +1,65 @@
+"""``hipchat-poller``: the command line. Each subcommand is a thin shell over plain functions.
+
+Exit codes: 0 success, 1 a runtime failure (HipChat or a service said no), 2 bad input.
+Tokens are never printed; ``connection add`` takes them from ``--token``, from an
+environment variable (``--token-env``, default ``HIPCHAT_POLLER_TOKEN``) or from stdin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from tasks.errors import HipChatPollerError, InvalidInput, ValidationError
+from worker import cli_actions, cli_connections, cli_run, recipes
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hipchat-poller",
+        description="Polling triggers and actions for the HipChat REST API v2.",
+    )
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cli_connections.register(sub)
+    cli_actions.register(sub)
+    cli_run.register(sub)
+    recipes.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # worker/beat/emulator pass their remaining options through untouched.
+    passthrough = cli_run.passthrough(args_list)
+    if passthrough is not None:
+        return passthrough
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    logging.basicConfig(
+        level=(args.log_level or "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ValidationError as exc:
+        for line in exc.errors:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except InvalidInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except HipChatPollerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""``connection ...``, ``subscribe``, ``subscriptions``, ``unsubscribe``, ``migrate``, ``status``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from storage import connections as conns
+from storage import outbox
+from storage import subscriptions as subs
+from tasks.errors import ValidationError
+from tasks.runtime import Runtime
+from tasks.settings import Settings
+from tasks.subscribe import EVENTS, SubscriptionSpec, validate_spec
+from tasks.subscriptions_api import create_subscriptions
+
+TOKEN_ENV = "HIPCHAT_POLLER_TOKEN"
+
+
+def runtime() -> Runtime:
+    rt = Runtime(Settings.from_env())
+    rt.db.upgrade()
+    return rt
+
+
+def register(sub: Any) -> None:
+    conn = sub.add_parser("connection", help="manage HipChat connections")
+    csub = conn.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = csub.add_parser("add", help="add a connection (base URL + personal access token)")
+    add.add_argument("name")
+    add.add_argument("--base-url", required=True, help="e.g. https://api.hipchat.com")
+    src = add.add_mutually_exclusive_group()
+    src.add_argument("--token", help="the token itself (visible in `ps`; prefer the others)")
+    src.add_argument("--token-env", metavar="VAR", help=f"read it from $VAR (default {TOKEN_ENV})")
+    src.add_argument("--token-stdin", action="store_true", help="read it from standard input")
+    add.set_defaults(handler=cmd_connection_add)
+    for name, handler, text in (
+        ("list", cmd_connection_list, "list connections and their state"),
+        ("remove", cmd_connection_remove, "remove a connection and its subscriptions"),
+        ("pause", cmd_connection_pause, "stop polling a connection"),
+        ("resume", cmd_connection_resume, "poll a paused or auth-failed connection again"),
+    ):
+        p = csub.add_parser(name, help=text)
+        if name != "list":
+            p.add_argument("name")
+        p.set_defaults(handler=handler)
+
+    s = sub.add_parser("subscribe", help="subscribe a downstream target to a trigger")
+    s.add_argument("connection")
+    s.add_argument("--event", action="append", required=True, choices=sorted(EVENTS),
+                   help="repeat for several events")
+    s.add_argument("--room", help="room name or id (room events)")
+    s.add_argument("--filter", help="regex for room_message; its groups become `matches`")
+    s.add_argument("--backfill", type=int, default=0, help="replay the last N items at priming")
+    s.add_argument("--name", help="a name for the subscription (unique per connection)")
+    target = s.add_mutually_exclusive_group(required=True)
+    target.add_argument("--webhook", metavar="URL", help="POST each event as signed JSON")
+    target.add_argument("--log", action="store_true", help="log each event (demo, debugging)")
+    target.add_argument("--reply", metavar="TEMPLATE",
+                        help="post a message, e.g. 'pong {matches[0]}'")
+    target.add_argument("--notify", metavar="TEMPLATE", help="send a notification")
+    target.add_argument("--handler", metavar="MODULE:FUNCTION", help="a Python handler")
+    s.add_argument("--secret", help="HMAC secret for --webhook (or $HIPCHAT_POLLER_WEBHOOK_SECRET)")
+    s.add_argument("--to-room", help="room the action posts to (default: the event's room)")
+    s.add_argument("--color", default="yellow", help="for --notify")
+    s.add_argument("--format", default="html", choices=["html", "text"], help="for --notify")
+    s.set_defaults(handler=cmd_subscribe)
+
+    ls = sub.add_parser("subscriptions", help="list subscriptions")
+    ls.add_argument("connection", nargs="?")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=cmd_subscriptions)
+    un = sub.add_parser("unsubscribe", help="remove a subscription by id")
+    un.add_argument("id", type=int)
+    un.set_defaults(handler=cmd_unsubscribe)
+    sub.add_parser("migrate", help="create or upgrade the database schema").set_defaults(
+        handler=cmd_migrate
+    )
+    sub.add_parser("status", help="connections, subscriptions and the outbox").set_defaults(
+        handler=cmd_status
+    )
+
+
+def read_token(args: argparse.Namespace) -> str:
+    if args.token:
+        token = str(args.token)
+    elif args.token_stdin:
+        token = sys.stdin.readline()
+    else:
+        var = args.token_env or TOKEN_ENV
+        token = os.environ.get(var, "")
+        if not token:
+            raise ValidationError(f"no token: pass --token, --token-stdin, or set ${var}")
+    token = token.strip()
+    if not token or any(c.isspace() for c in token) or len(token) > 256:
+        raise ValidationError("the token must be 1..256 characters without spaces")
+    return token
+
+
+def cmd_connection_add(args: argparse.Namespace) -> int:
+    rt = runtime()
+    with rt.db.session() as s:
+        row = conns.add_connection(s, args.name, args.base_url, read_token(args), rt.cipher)
+        print(f"connection {row.name} added (id {row.id}, {row.base_url})")
+    return 0
+
+
+def cmd_connection_list(args: argparse.Namespace) -> int:
+    rt = runtime()
+    with rt.db.session() as s:
+        rows = conns.list_connections(s)
+        if not rows:
+            print("no connections; add one with `hipchat-poller connection add`")
+        for row in rows:
+            reason = f" ({row.state_reason})" if row.state_reason else ""
+            last = row.last_poll_at.isoformat(timespec="seconds") if row.last_poll_at else "never"
+            print(f"{row.id:>4}  {row.name:<20} {row.state}{reason}  {row.base_url}  "
+                  f"last poll: {last} {row.last_poll_status or ''}".rstrip())
+    return 0
+
+
+def _named(args: argparse.Namespace) -> tuple[Runtime, int]:
+    rt = runtime()
+    with rt.db.session() as s:
+        row = conns.get_connection(s, args.name)
+        if row is None:
+            raise ValidationError(f"no connection named {args.name!r}")
+        return rt, row.id
+
+
+def cmd_connection_remove(args: argparse.Namespace) -> int:
+    rt, conn_id = _named(args)
+    with rt.db.session() as s:
+        conns.remove_connection(s, conn_id)
+    print(f"connection {args.name} removed")
+    return 0
+
+
+def cmd_connection_pause(args: argparse.Namespace) -> int:
+    rt, conn_id = _named(args)
+    with rt.db.session() as s:
+        conns.set_connection_state(s, conn_id, "paused", "paused by an operator")
+    print(f"connection {args.name} paused")
+    return 0
+
+
+def cmd_connection_resume(args: argparse.Namespace) -> int:
+    rt, conn_id = _named(args)
+    with rt.db.session() as s:
+        conns.set_connection_state(s, conn_id, "active", None)
+    print(f"connection {args.name} active")
+    return 0
+
+
+def _target(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    if args.webhook:
+        secret = args.secret or os.environ.get("HIPCHAT_POLLER_WEBHOOK_SECRET")
+        return "webhook", {"url": args.webhook, **({"secret": secret} if secret else {})}
+    if args.log:
+        return "log", {}
+    if args.handler:
+        return "handler", {"handler": args.handler}
+    room = {"room": args.to_room} if args.to_room else {}
+    if args.reply is not None:
+        return "action", {"action": "post_message", "message": args.reply, **room}
+    return "action", {"action": "send_notification", "message": args.notify,
+                      "color": args.color, "format": args.format, **room}
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    kind, target = _target(args)
+    specs = [
+        SubscriptionSpec(connection=args.connection, event=event, target_kind=kind,
+                         target=dict(target), room=args.room, filter=args.filter,
+                         backfill=args.backfill,
+                         name=f"{args.name}-{event}" if args.name and len(args.event) > 1
+                         else args.name)
+        for event in args.event
+    ]
+    errors = []
+    for spec in specs:
+        try:
+            validate_spec(spec)
+        except ValidationError as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise ValidationError("invalid subscription", sorted(set(errors)))
+    rt = runtime()
+    for view in create_subscriptions(rt, specs):
+        room = f" room {view.room}" if view.room else ""
+        print(f"subscription {view.id}: {view.event}{room} -> {view.target_kind}")
+    return 0
+
+
+def cmd_subscriptions(args: argparse.Namespace) -> int:
+    rt = runtime()
+    with rt.db.session() as s:
+        conn_id = None
+        if args.connection:
+            row = conns.get_connection(s, args.connection)
+            if row is None:
+                raise ValidationError(f"no connection named {args.connection!r}")
+            conn_id = row.id
+        rows = subs.list_subscriptions(s, conn_id)
+        views = [subs_view(r) for r in rows]
+    if args.json:
+        print(json.dumps(views, indent=2))
+        return 0
+    for v in views:
+        extra = f" filter={v['filter']!r}" if v["filter"] else ""
+        reason = f" ({v['state_reason']})" if v["state_reason"] else ""
+        print(f"{v['id']:>4}  conn {v['connection_id']}  {v['event']:<18} "
+              f"{v['room'] or '-':<16} -> {v['target_kind']}{extra}  {v['state']}{reason}")
+    return 0
+
+
+def subs_view(row: Any) -> dict[str, Any]:
+    """A subscription as shown to people: secrets are never shown."""
+    target = {k: v for k, v in dict(row.target).items() if "secret" not in k}
+    return {
+        "id": row.id, "connection_id": row.connection_id, "name": row.name,
+        "event": row.event, "room": row.room, "room_id": row.room_id, "filter": row.filter,
+        "target_kind": row.target_kind, "target": target, "state": row.state,
+        "state_reason": row.state_reason,
+        "primed": row.primed_at is not None,
+    }
+
+
+def cmd_unsubscribe(args: argparse.Namespace) -> int:
+    rt = runtime()
+    with rt.db.session() as s:
+        if not subs.remove_subscription(s, args.id):
+            raise ValidationError(f"no subscription {args.id}")
+    print(f"subscription {args.id} removed")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    rt = runtime()
+    print(f"database schema is up to date ({rt.db.dialect})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rt = runtime()
+    with rt.db.session() as s:
+        print(json.dumps(outbox.stats(s), indent=2, default=str))
+    return 0
