@@ -6,6 +6,7 @@ Every bad value raises :class:`emulator.errors.BadRequestError` (400 with the en
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -54,9 +55,13 @@ def paging(query: dict[str, str], default_max: int = 100) -> tuple[int, int]:
 def date_param_us(raw: str, name: str) -> int:
     """ISO-8601 with or without an offset (no offset = UTC), or epoch seconds."""
     try:
-        return to_us(float(raw))
+        seconds = float(raw)
     except ValueError:
-        pass
+        seconds = None
+    if seconds is not None:
+        if not math.isfinite(seconds):
+            raise BadRequestError(f"Invalid value for {name}: {raw!r} is not a date")
+        return to_us(seconds)
     try:
         parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:

@@ -60,6 +60,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._serve()
 
+    def do_HEAD(self) -> None:  # no route takes HEAD: a 405 (headers only) on known paths
+        self._serve()
+
+    def do_OPTIONS(self) -> None:
+        self._serve()
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Used by http.server for requests it cannot parse (a raw space in the path gives
         400 here, as HipChat did). Answers with the JSON envelope and closes; never echoes
@@ -120,7 +126,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         length = self.headers.get("Content-Length")
         if length is not None:
-            return self.rfile.read(int(length))
+            size = int(length)
+            if size < 0:
+                raise ValueError("negative Content-Length")
+            return self.rfile.read(size)
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             chunks = []
             while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
@@ -218,6 +227,11 @@ class _HTTPServer(ThreadingHTTPServer):
         self.server_address = self.socket.getsockname()
         host, port = self.socket.getsockname()[:2]
         self.server_name, self.server_port = str(host), int(port)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away (a timeout during a delay fault, a stop()) is normal.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         conn, address = super().get_request()

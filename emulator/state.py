@@ -188,7 +188,10 @@ class EmulatorState(Store):
             found = self.find_room(room)
             if found.privacy != "private":
                 raise BadRequestError("Only private rooms have members")
-            found.members[self.find_user(user).id] = tuple(roles)
+            chosen = tuple(dict.fromkeys(roles))
+            if not chosen or not set(chosen) <= {"room_admin", "room_member"}:
+                raise BadRequestError("room_roles must be room_admin and/or room_member")
+            found.members[self.find_user(user).id] = chosen
 
     def remove_member(self, room: int | str, user: int | str) -> None:
         with self.lock:

@@ -24,6 +24,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import (
     Engine,
@@ -185,8 +186,7 @@ def alembic_config() -> Config:
 
 
 def head_revision() -> str | None:
-    from alembic.script import ScriptDirectory
-
+    """The newest revision shipped with this code."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 

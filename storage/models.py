@@ -31,7 +31,6 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 CONNECTION_STATES = ("active", "paused", "auth_failed")
@@ -56,6 +55,8 @@ STREAMS = (STREAM_HISTORY, STREAM_ROOMS, STREAM_PARTICIPANTS)
 ROOM_LIST_ROOM_ID = 0  # the room_id of the per-connection 'rooms' marker
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+# Subscription names may carry the reserved prefixes "recipe:" and "handler:module:function".
+SUBSCRIPTION_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,255}$"
 
 # Stable constraint names: Alembic needs them, and storage.db maps them to messages.
 NAMING_CONVENTION = {
@@ -102,7 +103,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+# Plain JSON, also on PostgreSQL: a payload reads back exactly as written (JSONB would
+# reorder keys), and nothing ever queries inside these documents.
+JSONDocument = JSON()
 # SQLite only auto-increments INTEGER PRIMARY KEY, not BIGINT.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -165,7 +168,7 @@ class Subscription(Base):
     state: Mapped[str] = mapped_column(String(16), default="active")
     state_reason: Mapped[str | None] = mapped_column(Text)
     primed_at: Mapped[datetime | None]  # null until the first poll recorded the room's state
-    name: Mapped[str | None] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

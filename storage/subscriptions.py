@@ -6,6 +6,8 @@ Not validated here (the caller does, it knows the rules): regex filters, templat
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -13,11 +15,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from storage.connections import MAX_REASON_LENGTH, validate_name
+from storage.connections import MAX_REASON_LENGTH
 from storage.db import translated
 from storage.models import (
     EVENTS,
     ROOM_EVENTS,
+    SUBSCRIPTION_NAME_PATTERN,
     SUBSCRIPTION_STATES,
     TARGET_KINDS,
     Connection,
@@ -38,6 +41,11 @@ def _validate(event: str, room: str | None, target_kind: str, target: Any, backf
         errors.append(f"unknown target kind {target_kind!r}: one of {', '.join(TARGET_KINDS)}")
     if not isinstance(target, dict):
         errors.append("target must be a JSON object")
+    else:
+        try:
+            json.dumps(target)
+        except (TypeError, ValueError):
+            errors.append("target must hold only JSON values")
     if isinstance(backfill, bool) or not isinstance(backfill, int):
         errors.append("backfill must be a whole number")
     elif not 0 <= backfill <= MAX_BACKFILL:
@@ -59,8 +67,10 @@ def add_subscription(
     name: str | None = None,
 ) -> Subscription:
     _validate(event, room, target_kind, target, backfill)
-    if name is not None:
-        validate_name(name, "subscription")
+    if name is not None and not re.fullmatch(SUBSCRIPTION_NAME_PATTERN, name):
+        raise ValidationError(
+            f"bad subscription name {name!r}: use 1 to 255 of A-Z a-z 0-9 _ . : -"
+        )
     if s.get(Connection, connection_id) is None:
         raise ValidationError(f"no connection with id {connection_id}")
     subscription = Subscription(

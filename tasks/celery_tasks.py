@@ -12,6 +12,7 @@ Task arguments carry ids and names only, never a token or a secret.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -91,32 +92,31 @@ def relay_outbox_task(self: Task) -> str:
     return f"relayed {sum(map(len, dispatch.values()))} events"
 
 
-def _action(app: Any, connection: int | str) -> Actions:
-    return Actions(Runtime.of(app), connection)
-
-
-def _retrying(task: Task, fn: Any, *args: Any, **kwargs: Any) -> Any:
+def _retrying(
+    task: Task, call: Callable[[Actions], dict[str, Any]], connection: int | str
+) -> dict[str, Any]:
+    """Run an action; what may work later is retried after the wait HipChat stated."""
     try:
-        return fn(*args, **kwargs)
+        return call(Actions(Runtime.of(task.app), connection))
     except RetryLater as exc:
         raise task.retry(countdown=exc.retry_after, exc=exc, max_retries=10) from exc
 
 
 @shared_task(bind=True, ignore_result=False, name="hipchat.action.list_room_users")
 def list_room_users_task(self: Task, connection: int | str, room: int | str) -> dict[str, Any]:
-    return _retrying(self, lambda: _action(self.app, connection).list_room_users(room))  # type: ignore[no-any-return]
+    return _retrying(self, lambda api: api.list_room_users(room), connection)
 
 
 @shared_task(bind=True, ignore_result=False, name="hipchat.action.get_user")
 def get_user_task(self: Task, connection: int | str, user: int | str) -> dict[str, Any]:
-    return _retrying(self, lambda: _action(self.app, connection).get_user(user))  # type: ignore[no-any-return]
+    return _retrying(self, lambda api: api.get_user(user), connection)
 
 
 @shared_task(bind=True, ignore_result=False, name="hipchat.action.post_message")
 def post_message_task(
     self: Task, connection: int | str, room: int | str, message: str
 ) -> dict[str, Any]:
-    return _retrying(self, lambda: _action(self.app, connection).post_message(room, message))  # type: ignore[no-any-return]
+    return _retrying(self, lambda api: api.post_message(room, message), connection)
 
 
 @shared_task(bind=True, ignore_result=False, name="hipchat.action.send_notification")
@@ -132,9 +132,10 @@ def send_notification_task(
 ) -> dict[str, Any]:
     return _retrying(
         self,
-        lambda: _action(self.app, connection).send_notification(  # type: ignore[no-any-return]
+        lambda api: api.send_notification(
             room, message, color=color, message_format=message_format, notify=notify, from_=from_
         ),
+        connection,
     )
 
 
@@ -142,4 +143,4 @@ def send_notification_task(
 def add_member_task(
     self: Task, connection: int | str, room: int | str, user: int | str
 ) -> dict[str, Any]:
-    return _retrying(self, lambda: _action(self.app, connection).add_member(room, user))  # type: ignore[no-any-return]
+    return _retrying(self, lambda api: api.add_member(room, user), connection)

@@ -235,7 +235,11 @@ class HipChatClient:
         start_index: int = 0,
         max_results: int = 100,
     ) -> HistoryPage[Message]:
-        """One page of ``/history``. ``date`` is the NEWEST bound, ``end_date`` the oldest."""
+        """One page of ``/history``. ``date`` is the NEWEST bound, ``end_date`` the oldest.
+
+        ``has_more``: ``links.next`` was sent, or the page is full. ``date="recent"`` (the
+        latest 75, real time) ignores paging, so there only ``links.next`` counts.
+        """
         params = self._history_params(date, end_date, reverse)
         if isinstance(start_index, bool) or not isinstance(start_index, int) or start_index < 0:
             raise ValidationError("start_index must be an integer >= 0")
@@ -244,9 +248,8 @@ class HipChatClient:
         reply = self._request("GET", f"/room/{inputs.room_segment(room)}/history", params=params)
         page = self._http.parse(reply, parse_envelope)
         items = [self._http.parse(reply, Message.parse, raw) for raw in page.items]
-        return HistoryPage(
-            items, page.next_url is not None or page_is_full(len(items), max_results)
-        )
+        full = params["date"] != "recent" and page_is_full(len(items), max_results)
+        return HistoryPage(items, page.next_url is not None or full)
 
     def iter_history(
         self, room: RoomRef, *, date: datetime | str, end_date: datetime | None = None

@@ -42,8 +42,9 @@ def backoff_seconds(
     attempt: int, base: float, cap: float, rng: random.Random | None = None
 ) -> float:
     """Exponential backoff with equal jitter: half fixed, half random, capped."""
-    delay = min(cap, base * (2 ** max(0, attempt - 1)))
-    return delay / 2 + (rng or random).uniform(0, delay / 2)
+    delay = min(cap, base * 2.0 ** max(0, attempt - 1))
+    jitter: float = (rng or random).uniform(0, delay / 2)
+    return delay / 2 + jitter
 
 
 def drain(rt: Runtime, subscription_id: int, now: datetime | None = None) -> DrainResult:

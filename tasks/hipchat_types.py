@@ -49,7 +49,7 @@ def _require(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> A
     if not isinstance(obj, dict) or key not in obj:
         raise MalformedResponse(f"{where}: missing {key!r}")
     value = obj[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise MalformedResponse(f"{where}: {key!r} has the wrong type")
     return value
 
@@ -113,9 +113,11 @@ class Message:
         if mtype not in MESSAGE_TYPES:
             raise MalformedResponse(f"message {msg_id}: unknown type {mtype!r}")
         raw_from = obj.get("from")
-        sender = UserStub.parse(raw_from, f"message {msg_id} from") if isinstance(
-            raw_from, dict
-        ) else None
+        sender = (
+            UserStub.parse(raw_from, f"message {msg_id} from")
+            if isinstance(raw_from, dict)
+            else None
+        )
         label = raw_from if isinstance(raw_from, str) else None
         raw_file = obj.get("file")
         card = obj.get("card")

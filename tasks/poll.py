@@ -20,11 +20,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from storage import connections as conns
-from storage import outbox
+from storage import outbox, watermarks
 from storage import rooms as room_store
 from storage import subscriptions as subs
-from storage import watermarks
+from storage.models import ROOM_LIST_ROOM_ID, STREAM_PARTICIPANTS, STREAM_ROOMS
 from storage.outbox import NewEvent
+from storage.rooms import ParticipantSnapshot, RoomSnapshot
 from tasks import diff, events
 from tasks.client import HipChatClient
 from tasks.errors import (
@@ -36,7 +37,7 @@ from tasks.errors import (
 )
 from tasks.filters import compile_filter
 from tasks.hipchat_types import Message, Room
-from tasks.rooms_diff import diff_participants, diff_rooms
+from tasks.rooms_diff import RoomState, diff_participants, diff_rooms
 from tasks.runtime import Runtime
 from tasks.subscribe import HISTORY_EVENTS, PARTICIPANT_EVENTS, ROOM_LIST_EVENTS
 from tasks.subscriptions_api import SubView
@@ -114,7 +115,10 @@ class Poll:
                     )
         else:
             new_items = self._fetch_new(room_id, mark, page)
-            new_mark = diff.next_watermark(mark, new_items)
+            last_id, last_date = mark
+            new_mark = diff.next_watermark(
+                (last_id, last_date) if last_id is not None else None, new_items
+            )
             for sub in room_subs:
                 if sub.primed:
                     new_events += self._history_events(sub, new_items)
@@ -126,8 +130,14 @@ class Poll:
         self.result.rooms_polled += 1
         self._commit(room_id, HISTORY, new_mark, new_events, [s for s in room_subs if not s.primed])
 
-    def _fetch_new(self, room_id: int, mark: tuple[str, datetime], page: int) -> list[Message]:
+    def _fetch_new(
+        self, room_id: int, mark: tuple[str | None, datetime], page: int
+    ) -> list[Message]:
         last_id, last_date = mark
+        if last_id is None:  # primed on an empty room: everything is new
+            return diff.diff_latest(
+                self.client.latest_history(room_id, max_results=page), None, page_size=page
+            ).new
         try:
             items = self.client.latest_history(room_id, not_before=last_id, max_results=page)
         except BadRequest:
@@ -138,7 +148,7 @@ class Poll:
             items = []
             found = diff.LatestDiff(new=[], watermark_found=False, gap=True)
         else:
-            found = diff.diff_latest(items, last_id, page_size=page)
+            found = diff.diff_latest(items, last_id, page_size=page, watermark_date=last_date)
             if not found.gap:
                 return found.new
         newest = items[0].date if items else self.now
@@ -169,7 +179,7 @@ class Poll:
                 subscription=sub.summary(),
                 matches=matches,
             )
-            found.append(self._new_event(sub, msg.id, payload))
+            found.append(self._new_event(sub, payload))
         return found
 
     # -- participant triggers -----------------------------------------------------------
@@ -180,61 +190,73 @@ class Poll:
             except NotFound:
                 self._room_gone(room_id, room_subs)
                 continue
+            found: list[NewEvent] = []
             with self.rt.db.session() as s:
                 known = room_store.known_participants(s, self.conn.id, room_id)
-                primed = room_store.participants_primed(s, self.conn.id, room_id)
-            found: list[NewEvent] = []
-            if primed:
-                entered, exited = diff_participants(known, current)
-                seq = self.now.isoformat()
-                for sub in room_subs:
+                generation = _generation(s, self.conn.id, room_id, STREAM_PARTICIPANTS)
+            if generation is not None:
+                entered, exited = diff_participants(
+                    {
+                        uid: {"id": uid, "name": p.name, "mention_name": p.mention_name}
+                        for uid, p in known.items()
+                    },
+                    current,
+                )
+                for sub in (x for x in room_subs if x.primed):
                     people = entered if sub.event == "room_enter" else exited
-                    found += (
-                        [self._participant_event(sub, user, seq) for user in people]
-                        if sub.primed
-                        else []
-                    )
+                    found += [self._participant_event(sub, user, generation) for user in people]
             self.result.rooms_polled += 1
             with self.rt.db.session() as s:
-                room_store.replace_participants(s, self.conn.id, room_id, current)
+                room_store.replace_participants(
+                    s,
+                    self.conn.id,
+                    room_id,
+                    [ParticipantSnapshot.of(u) for u in current],
+                    at=self.now,
+                )
                 self._store(s, found, [x for x in room_subs if not x.primed])
 
-    def _participant_event(self, sub: SubView, user: Any, seq: str) -> NewEvent:
+    def _participant_event(self, sub: SubView, user: Any, generation: str) -> NewEvent:
         payload = events.participant_event(
             sub.event,
             user,
             self._room_stub(sub),
             connection=self.conn.summary(),
             subscription=sub.summary(),
+            generation=generation,
         )
-        return self._new_event(sub, f"{sub.event}:{sub.room_id}:{user.id}:{seq}", payload)
+        return self._new_event(sub, payload)
 
     # -- room-list triggers -------------------------------------------------------------
     def poll_room_list(self, room_subs: list[SubView]) -> None:
         current: list[Room] = self.client.list_rooms(include_private=True, include_archived=True)
         with self.rt.db.session() as s:
-            known = room_store.known_rooms(s, self.conn.id)
-            primed = room_store.rooms_primed(s, self.conn.id)
+            known = {
+                rid: RoomState(rid, r.name, r.privacy, r.is_archived, r.topic)
+                for rid, r in room_store.known_rooms(s, self.conn.id).items()
+            }
+            generation = _generation(s, self.conn.id, ROOM_LIST_ROOM_ID, STREAM_ROOMS)
         found: list[NewEvent] = []
-        if primed:
+        if generation is not None:
             for change in diff_rooms(known, current):
                 for sub in room_subs:
                     if sub.event == change.event and sub.primed:
                         payload = events.room_event(
-                            change.event,
-                            change.room,
+                            change,
                             connection=self.conn.summary(),
                             subscription=sub.summary(),
+                            generation=generation,
                             base_url=self.conn.base_url,
                         )
-                        key = events.room_item_key(change, known.get(change.room.id))
-                        found.append(self._new_event(sub, key, payload))
+                        found.append(self._new_event(sub, payload))
         with self.rt.db.session() as s:
-            room_store.replace_known_rooms(s, self.conn.id, current)
+            room_store.replace_known_rooms(
+                s, self.conn.id, [RoomSnapshot.of(r) for r in current], at=self.now
+            )
             self._store(s, found, [x for x in room_subs if not x.primed])
 
     # -- shared pieces --------------------------------------------------------------------
-    def _watermark(self, room_id: int, stream: str) -> tuple[str, datetime] | None:
+    def _watermark(self, room_id: int, stream: str) -> tuple[str | None, datetime] | None:
         with self.rt.db.session() as s:
             row = watermarks.get_watermark(s, self.conn.id, room_id, stream)
             return (row.last_id, row.last_date) if row is not None else None
@@ -262,13 +284,11 @@ class Poll:
         for row in inserted:
             self.result.dispatch.setdefault(row.subscription_id, []).append(row.id)
 
-    def _new_event(self, sub: SubView, item_key: str, payload: dict[str, Any]) -> NewEvent:
-        key = events.idempotency_key(sub.id, item_key)
-        payload["idempotency_key"] = key
+    def _new_event(self, sub: SubView, payload: dict[str, Any]) -> NewEvent:
         return NewEvent(
             connection_id=self.conn.id,
             subscription_id=sub.id,
-            idempotency_key=key,
+            idempotency_key=payload["idempotency_key"],
             event=sub.event,
             payload=payload,
         )
@@ -282,6 +302,13 @@ class Poll:
         with self.rt.db.session() as s:
             for sub in room_subs:
                 subs.set_subscription_state(s, sub.id, "error", reason)
+
+
+def _generation(s: Any, conn_id: int, room_id: int, stream: str) -> str | None:
+    """The stored snapshot's time: the same for every poll that diffs against it, so a
+    redelivered or concurrent poll builds the same idempotency keys. None: not primed."""
+    mark = watermarks.get_watermark(s, conn_id, room_id, stream)
+    return mark.last_date.isoformat() if mark is not None else None
 
 
 def load(rt: Runtime, connection_id: int) -> tuple[ConnView, str, list[SubView]] | None:

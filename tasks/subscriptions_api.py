@@ -92,10 +92,10 @@ def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[Sub
     with rt.db.session() as s:
         ids = {}
         for spec in specs:
-            row = conns.get_connection(s, spec.connection)
-            if row is None:
+            conn_row = conns.get_connection(s, spec.connection)
+            if conn_row is None:
                 raise ValidationError(f"no connection named {spec.connection!r}")
-            ids[spec.connection] = row.id
+            ids[spec.connection] = conn_row.id
     resolved: dict[tuple[int, str], tuple[int | None, str]] = {}
     for spec in specs:
         key = (ids[spec.connection], spec.room or "")
@@ -105,12 +105,12 @@ def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[Sub
     with rt.db.session() as s:
         for spec in specs:
             conn_id = ids[spec.connection]
-            room_id, room_name = resolved.get((conn_id, spec.room or ""), (None, spec.room))
+            room_id, _canonical = resolved.get((conn_id, spec.room or ""), (None, spec.room))
             row = subs.add_subscription(
                 s,
                 conn_id,
                 spec.event,
-                room=room_name,
+                room=spec.room,  # as typed: recipes compare it; the id is authoritative
                 filter=spec.filter,
                 target_kind=spec.target_kind,
                 target=stored_target(rt, spec.target_kind, spec.target),

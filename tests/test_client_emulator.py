@@ -89,21 +89,6 @@ def client(make_client: Factory) -> HipChatClient:
     return make_client()
 
 
-@pytest.fixture
-def server_factory() -> Iterator[Callable[..., EmulatorServer]]:
-    servers: list[EmulatorServer] = []
-
-    def start(**kwargs: Any) -> EmulatorServer:
-        server = EmulatorServer(port=0, **kwargs)
-        server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
 # -- every endpoint ---------------------------------------------------------------------------
 
 
@@ -187,8 +172,9 @@ def test_history_pages_and_dates(
     assert not last.has_more
     paged = small_pages(emulator.base_url, token, room_id, newest, oldest)
     assert paged == [["m4", "m5", "m6"], ["m1", "m2", "m3"], ["m0"]]
-    recent = client.history(room_id)
+    recent = client.history(room_id, max_results=3)  # "recent" ignores paging
     assert [m.text for m in recent.items] == [f"m{i}" for i in range(7)]
+    assert not recent.has_more
 
 
 def small_pages(
@@ -317,9 +303,9 @@ def test_each_status_maps_to_its_error(
 
 
 def test_api_rate_limit_is_a_429(
-    server_factory: Callable[..., EmulatorServer], make_client: Factory
+    make_emulator: Callable[..., EmulatorServer], make_client: Factory
 ) -> None:
-    server = server_factory(rate_limit=3, rate_window_seconds=300.0)
+    server = make_emulator(rate_limit=3, rate_window_seconds=300.0)
     small = make_client(server, token="admin-token")
     for _ in range(3):
         small.list_rooms()
@@ -332,9 +318,9 @@ def test_api_rate_limit_is_a_429(
 
 
 def test_flood_control_is_a_429_with_flood_control(
-    server_factory: Callable[..., EmulatorServer], make_client: Factory
+    make_emulator: Callable[..., EmulatorServer], make_client: Factory
 ) -> None:
-    server = server_factory(flood_limit=2)
+    server = make_emulator(flood_limit=2)
     sender = make_client(server, token="admin-token")
     room_id = sender.create_room("Flood")
     sender.send_message(room_id, "one")
@@ -434,9 +420,9 @@ def test_reset_quirk_reads_sixty_as_seconds(
 
 
 def test_connection_refused_is_a_transport_error(
-    server_factory: Callable[..., EmulatorServer],
+    make_emulator: Callable[..., EmulatorServer],
 ) -> None:
-    server = server_factory()
+    server = make_emulator()
     base_url = server.base_url
     server.stop()
     gone = HipChatClient(base_url, "admin-token", timeout=(0.5, 0.5))

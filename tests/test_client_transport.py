@@ -428,6 +428,9 @@ def test_history_params_and_has_more() -> None:
     }
     client, _ = make(reply(envelope([message(1)])))
     assert not client.history(1).has_more
+    # date="recent" ignores paging: a page longer than max_results is not "more"
+    client, _ = make(reply(envelope([message(1), message(2), message(3)])))
+    assert not client.history(1, max_results=2).has_more
     client, transport = make(reply(envelope([message(1)], f"{BASE}/v2/room/1/history?x=1")))
     assert client.history(1).has_more
     assert transport.query() == {

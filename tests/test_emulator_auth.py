@@ -128,3 +128,21 @@ def test_keep_alive_on_one_connection(emulator: EmulatorServer) -> None:
     conn.request("GET", "/v2/room", headers=headers)
     assert conn.getresponse().status == 200
     conn.close()
+
+
+def test_head_and_options_are_405_on_known_paths(emulator_api: EmulatorApi) -> None:
+    head = emulator_api.request("HEAD", "/v2/room")
+    assert head.status_code == 405
+    assert head.content == b""
+    assert_error(emulator_api.request("OPTIONS", "/v2/room/General"), 405)
+
+
+def test_bad_content_length_is_400(emulator: EmulatorServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", emulator.port, timeout=5)
+    conn.putrequest("POST", "/v2/room/General/message")
+    conn.putheader("Content-Length", "-5")
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 400
+    assert response.getheader("Connection") == "close"
+    conn.close()

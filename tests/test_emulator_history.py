@@ -230,7 +230,14 @@ def test_a_page_that_is_exactly_full_at_the_end_has_no_next(
 
 @pytest.mark.parametrize(
     "query",
-    ["date=yesterday", "end-date=soon&date=1500000000", "reverse=maybe", "max-results=1001"],
+    [
+        "date=yesterday",
+        "date=inf",
+        "date=nan",
+        "end-date=soon&date=1500000000",
+        "reverse=maybe",
+        "max-results=1001",
+    ],
 )
 def test_bad_history_parameters_are_400(emulator_api: EmulatorApi, query: str) -> None:
     assert_error(emulator_api.get(f"/v2/room/General/history?{query}"), 400)

@@ -151,13 +151,14 @@ def test_datetime_comparisons_use_utc_on_both_backends(db: Database, conn: Conne
 
 
 def test_unreachable_postgresql_is_storage_unavailable() -> None:
-    database = Database("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
+    database = Database("postgresql+psycopg://nobody:hunter2@127.0.0.1:1/none?connect_timeout=2")
     try:
         with (
-            pytest.raises(StorageUnavailable, match="database unavailable"),
+            pytest.raises(StorageUnavailable, match="database unavailable") as caught,
             database.session() as s,
         ):
             s.execute(text("SELECT 1"))
+        assert "hunter2" not in str(caught.value)
     finally:
         database.dispose()
 

@@ -55,6 +55,19 @@ def test_add_events_skips_known_keys_and_returns_only_new_rows(
     assert stored == {"k1": {"n": 1}, "k2": {"n": 2}, "k3": {}}
 
 
+def test_payloads_read_back_exactly_as_written(db: Database, sub: Subscription) -> None:
+    payload = {"z": 1, "a": {"y": [1, "two", None], "b": "ünïcødé"}, "m": True}
+    with db.session() as s:
+        (event,) = outbox.add_events(
+            s, [NewEvent(sub.connection_id, sub.id, "k", "room_message", payload)]
+        )
+    with db.session() as s:
+        stored = outbox.get_event(s, event.id)
+        assert stored is not None
+        assert list(stored.payload) == ["z", "a", "m"]
+        assert stored.payload == payload
+
+
 def test_add_events_keeps_the_callers_order_across_chunks(db: Database, sub: Subscription) -> None:
     keys = [f"key-{i:04d}" for i in reversed(range(1200))]
     with db.session() as s:

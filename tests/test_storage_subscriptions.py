@@ -70,6 +70,7 @@ def test_room_list_events_need_no_room(db: Database, conn: Connection) -> None:
         ({"event": "room_enter", "room": "  "}, "needs a room"),
         ({"target_kind": "email"}, "unknown target kind"),
         ({"target": ["not", "a", "dict"]}, "target must be a JSON object"),
+        ({"target": {"when": datetime(2024, 1, 1, tzinfo=UTC)}}, "only JSON values"),
         ({"backfill": -1}, "backfill must be within"),
         ({"backfill": 1001}, "backfill must be within"),
         ({"backfill": True}, "whole number"),

@@ -103,9 +103,10 @@ def emptied(migrated_url: str) -> Iterator[Database]:
     """The shared migrated schema with every table emptied (before the test, so a test that
     failed half-way cannot leave rows behind for the next)."""
     with opened(migrated_url) as database:
-        tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+        # DELETE, not TRUNCATE: TRUNCATE recreates every table's files, ten times slower here.
         with database.engine.begin() as connection:
-            connection.exec_driver_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+            for table in reversed(Base.metadata.sorted_tables):
+                connection.execute(table.delete())
         yield database
 
 

@@ -7,7 +7,7 @@ Built by :func:`create_app` from an explicit :class:`~tasks.settings.Settings`; 
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from tasks.runtime import Runtime
 from tasks.settings import Settings

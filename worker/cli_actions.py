@@ -22,15 +22,18 @@ def register(sub: Any) -> None:
 
     p = action("users", "list the users of a room (members if private, else participants)")
     p.add_argument("room")
-    p.set_defaults(handler=lambda a: _print(Actions(runtime(), a.connection).list_room_users(a.room)))
+    p.set_defaults(
+        handler=lambda a: _print(Actions(runtime(), a.connection).list_room_users(a.room))
+    )
     p = action("user", "get a user by id, email or @mention name")
     p.add_argument("user")
     p.set_defaults(handler=lambda a: _print(Actions(runtime(), a.connection).get_user(a.user)))
     p = action("post", "post a message to a room (1..1000 characters)")
     p.add_argument("room")
     p.add_argument("message")
-    p.set_defaults(handler=lambda a: _print(
-        Actions(runtime(), a.connection).post_message(a.room, a.message)))
+    p.set_defaults(
+        handler=lambda a: _print(Actions(runtime(), a.connection).post_message(a.room, a.message))
+    )
     p = action("notify", "send a notification to a room (1..10000 characters)")
     p.add_argument("room")
     p.add_argument("message")
@@ -42,8 +45,9 @@ def register(sub: Any) -> None:
     p = action("add-member", "add a user (id, email or @mention) to a private room")
     p.add_argument("room")
     p.add_argument("user")
-    p.set_defaults(handler=lambda a: _print(
-        Actions(runtime(), a.connection).add_member(a.room, a.user)))
+    p.set_defaults(
+        handler=lambda a: _print(Actions(runtime(), a.connection).add_member(a.room, a.user))
+    )
 
     h = sub.add_parser("handlers", help="Python handlers registered with @on")
     hs = h.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -58,9 +62,16 @@ def _print(result: dict[str, Any]) -> int:
 
 
 def cmd_notify(args: argparse.Namespace) -> int:
-    return _print(Actions(runtime(), args.connection).send_notification(
-        args.room, args.message, color=args.color, message_format=args.message_format,
-        notify=args.notify, from_=args.from_))
+    return _print(
+        Actions(runtime(), args.connection).send_notification(
+            args.room,
+            args.message,
+            color=args.color,
+            message_format=args.message_format,
+            notify=args.notify,
+            from_=args.from_,
+        )
+    )
 
 
 def cmd_handlers_sync(args: argparse.Namespace) -> int:

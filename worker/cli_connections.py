@@ -1,4 +1,5 @@
-"""``connection ...``, ``subscribe``, ``subscriptions``, ``unsubscribe``, ``migrate``, ``status``."""
+"""Commands: ``connection ...``, ``subscribe``, ``subscriptions``, ``unsubscribe``,
+``migrate``, ``status``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tasks.settings import Settings
 from tasks.subscribe import EVENTS, SubscriptionSpec, validate_spec
 from tasks.subscriptions_api import create_subscriptions
 
-TOKEN_ENV = "HIPCHAT_POLLER_TOKEN"
+TOKEN_ENV = "HIPCHAT_POLLER_TOKEN"  # noqa: S105 (a variable name, not a secret)
 
 
 def runtime() -> Runtime:
@@ -50,8 +51,13 @@ def register(sub: Any) -> None:
 
     s = sub.add_parser("subscribe", help="subscribe a downstream target to a trigger")
     s.add_argument("connection")
-    s.add_argument("--event", action="append", required=True, choices=sorted(EVENTS),
-                   help="repeat for several events")
+    s.add_argument(
+        "--event",
+        action="append",
+        required=True,
+        choices=sorted(EVENTS),
+        help="repeat for several events",
+    )
     s.add_argument("--room", help="room name or id (room events)")
     s.add_argument("--filter", help="regex for room_message; its groups become `matches`")
     s.add_argument("--backfill", type=int, default=0, help="replay the last N items at priming")
@@ -59,8 +65,9 @@ def register(sub: Any) -> None:
     target = s.add_mutually_exclusive_group(required=True)
     target.add_argument("--webhook", metavar="URL", help="POST each event as signed JSON")
     target.add_argument("--log", action="store_true", help="log each event (demo, debugging)")
-    target.add_argument("--reply", metavar="TEMPLATE",
-                        help="post a message, e.g. 'pong {matches[0]}'")
+    target.add_argument(
+        "--reply", metavar="TEMPLATE", help="post a message, e.g. 'pong {matches[0]}'"
+    )
     target.add_argument("--notify", metavar="TEMPLATE", help="send a notification")
     target.add_argument("--handler", metavar="MODULE:FUNCTION", help="a Python handler")
     s.add_argument("--secret", help="HMAC secret for --webhook (or $HIPCHAT_POLLER_WEBHOOK_SECRET)")
@@ -117,8 +124,10 @@ def cmd_connection_list(args: argparse.Namespace) -> int:
         for row in rows:
             reason = f" ({row.state_reason})" if row.state_reason else ""
             last = row.last_poll_at.isoformat(timespec="seconds") if row.last_poll_at else "never"
-            print(f"{row.id:>4}  {row.name:<20} {row.state}{reason}  {row.base_url}  "
-                  f"last poll: {last} {row.last_poll_status or ''}".rstrip())
+            print(
+                f"{row.id:>4}  {row.name:<20} {row.state}{reason}  {row.base_url}  "
+                f"last poll: {last} {row.last_poll_status or ''}".rstrip()
+            )
     return 0
 
 
@@ -166,18 +175,28 @@ def _target(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     room = {"room": args.to_room} if args.to_room else {}
     if args.reply is not None:
         return "action", {"action": "post_message", "message": args.reply, **room}
-    return "action", {"action": "send_notification", "message": args.notify,
-                      "color": args.color, "format": args.format, **room}
+    return "action", {
+        "action": "send_notification",
+        "message": args.notify,
+        "color": args.color,
+        "format": args.format,
+        **room,
+    }
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
     kind, target = _target(args)
     specs = [
-        SubscriptionSpec(connection=args.connection, event=event, target_kind=kind,
-                         target=dict(target), room=args.room, filter=args.filter,
-                         backfill=args.backfill,
-                         name=f"{args.name}-{event}" if args.name and len(args.event) > 1
-                         else args.name)
+        SubscriptionSpec(
+            connection=args.connection,
+            event=event,
+            target_kind=kind,
+            target=dict(target),
+            room=args.room,
+            filter=args.filter,
+            backfill=args.backfill,
+            name=f"{args.name}-{event}" if args.name and len(args.event) > 1 else args.name,
+        )
         for event in args.event
     ]
     errors = []
@@ -212,8 +231,10 @@ def cmd_subscriptions(args: argparse.Namespace) -> int:
     for v in views:
         extra = f" filter={v['filter']!r}" if v["filter"] else ""
         reason = f" ({v['state_reason']})" if v["state_reason"] else ""
-        print(f"{v['id']:>4}  conn {v['connection_id']}  {v['event']:<18} "
-              f"{v['room'] or '-':<16} -> {v['target_kind']}{extra}  {v['state']}{reason}")
+        print(
+            f"{v['id']:>4}  conn {v['connection_id']}  {v['event']:<18} "
+            f"{v['room'] or '-':<16} -> {v['target_kind']}{extra}  {v['state']}{reason}"
+        )
     return 0
 
 
@@ -221,9 +242,16 @@ def subs_view(row: Any) -> dict[str, Any]:
     """A subscription as shown to people: secrets are never shown."""
     target = {k: v for k, v in dict(row.target).items() if "secret" not in k}
     return {
-        "id": row.id, "connection_id": row.connection_id, "name": row.name,
-        "event": row.event, "room": row.room, "room_id": row.room_id, "filter": row.filter,
-        "target_kind": row.target_kind, "target": target, "state": row.state,
+        "id": row.id,
+        "connection_id": row.connection_id,
+        "name": row.name,
+        "event": row.event,
+        "room": row.room,
+        "room_id": row.room_id,
+        "filter": row.filter,
+        "target_kind": row.target_kind,
+        "target": target,
+        "state": row.state,
         "state_reason": row.state_reason,
         "primed": row.primed_at is not None,
     }

@@ -16,12 +16,17 @@ APP = "worker.celery_app:app"
 
 
 def register(sub: Any) -> None:
-    run = sub.add_parser("run", help="worker and beat in one process (embedded defaults "
-                                     "when no Redis/database URL is set)")
+    run = sub.add_parser(
+        "run",
+        help="worker and beat in one process (embedded defaults when no Redis/database URL is set)",
+    )
     run.add_argument("--concurrency", type=int, default=4)
     run.set_defaults(handler=cmd_run)
-    demo = sub.add_parser("demo", help="emulator + worker + beat in one process: ping/pong "
-                                       "and every trigger, printed as they happen")
+    demo = sub.add_parser(
+        "demo",
+        help="emulator + worker + beat in one process: ping/pong "
+        "and every trigger, printed as they happen",
+    )
     demo.add_argument("--interval", type=float, default=2.0, help="poll interval (seconds)")
     demo.add_argument("--timeout", type=float, default=60.0)
     demo.set_defaults(handler=cmd_demo)
@@ -46,8 +51,11 @@ def passthrough(argv: list[str]) -> int | None:
 
     Runtime(Settings.from_env()).db.upgrade()
     if command == "worker":
-        extra = [] if any(a.startswith(("-Q", "--queues")) for a in rest) else [
-            "-Q", f"{POLL_QUEUE},{ACTION_QUEUE}"]
+        extra = (
+            []
+            if any(a.startswith(("-Q", "--queues")) for a in rest)
+            else ["-Q", f"{POLL_QUEUE},{ACTION_QUEUE}"]
+        )
         args = ["-A", APP, "worker", "-E", *extra, *rest]
     else:
         args = ["-A", APP, "beat", *rest]
@@ -66,8 +74,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     rt = Runtime.of(app)
     rt.db.upgrade()
     mode = "embedded (in-process broker and bucket)" if settings.embedded else "Redis"
-    log.info("hipchat-poller run: %s; database %s; poll every %ss", mode,
-             rt.db.dialect, settings.poll_interval_seconds)
+    log.info(
+        "hipchat-poller run: %s; database %s; poll every %ss",
+        mode,
+        rt.db.dialect,
+        settings.poll_interval_seconds,
+    )
     EmbeddedWorker(app, concurrency=args.concurrency, loglevel=args.log_level or "INFO").run()
     return 0
 

@@ -29,8 +29,15 @@ from worker.app import create_app
 from worker.embedded import EmbeddedWorker
 
 ROOM = "Factor"
-EXPECTED = ("room_message", "room_file_upload", "room_topic_change", "room_enter",
-            "room_created", "room_notification")
+DEMO_TOKEN = "demo-admin-token"  # noqa: S105 (the emulator's throwaway admin token)
+EXPECTED = (
+    "room_message",
+    "room_file_upload",
+    "room_topic_change",
+    "room_enter",
+    "room_created",
+    "room_notification",
+)
 
 
 @dataclass
@@ -70,14 +77,24 @@ def describe(row: Any) -> str:
 
 def subscriptions() -> list[SubscriptionSpec]:
     def spec(event: str, kind: str, target: dict[str, Any], **kw: Any) -> SubscriptionSpec:
-        return SubscriptionSpec(connection="demo", event=event, target_kind=kind, target=target,
-                                **kw)
+        return SubscriptionSpec(
+            connection="demo", event=event, target_kind=kind, target=target, **kw
+        )
 
     return [
-        spec("room_message", "action", {"action": "send_notification",
-                                        "message": "pong {matches[0]}", "color": "green",
-                                        "format": "text"},
-             room=ROOM, filter=r"^ping (.*)", name="ping-pong"),
+        spec(
+            "room_message",
+            "action",
+            {
+                "action": "send_notification",
+                "message": "pong {matches[0]}",
+                "color": "green",
+                "format": "text",
+            },
+            room=ROOM,
+            filter=r"^ping (.*)",
+            name="ping-pong",
+        ),
         spec("room_file_upload", "log", {}, room=ROOM),
         spec("room_topic_change", "log", {}, room=ROOM),
         spec("room_enter", "log", {}, room=ROOM),
@@ -86,15 +103,20 @@ def subscriptions() -> list[SubscriptionSpec]:
     ]
 
 
-def run_demo(*, interval: float = 2.0, timeout: float = 60.0, out: Callable[[str], None] = print
-             ) -> int:
+def run_demo(
+    *, interval: float = 2.0, timeout: float = 60.0, out: Callable[[str], None] = print
+) -> int:
     from emulator import EmulatorServer
 
     with tempfile.TemporaryDirectory(prefix="hipchat-poller-demo-") as data_dir:
-        settings = Settings(data_dir=data_dir, secret_key=Fernet.generate_key().decode(),
-                            poll_interval_seconds=interval, relay_interval_seconds=interval,
-                            relay_min_age_seconds=interval * 3)
-        server = EmulatorServer(port=0, admin_token="demo-admin-token")
+        settings = Settings(
+            data_dir=data_dir,
+            secret_key=Fernet.generate_key().decode(),
+            poll_interval_seconds=interval,
+            relay_interval_seconds=interval,
+            relay_min_age_seconds=interval * 3,
+        )
+        server = EmulatorServer(port=0, admin_token=DEMO_TOKEN)
         server.start()
         app = create_app(settings)
         rt = Runtime.of(app)
@@ -106,18 +128,26 @@ def run_demo(*, interval: float = 2.0, timeout: float = 60.0, out: Callable[[str
             server.stop()
 
 
-def _scenario(rt: Runtime, server: Any, worker: EmbeddedWorker, interval: float,
-              timeout: float, out: Callable[[str], None]) -> int:
+def _scenario(
+    rt: Runtime,
+    server: Any,
+    worker: EmbeddedWorker,
+    interval: float,
+    timeout: float,
+    out: Callable[[str], None],
+) -> int:
     state = server.state
     rt.db.upgrade()
     alice = state.create_user("Alice Anders", mention_name="alice", email="alice@example.com")
     bob = state.create_user("Bob Brown", mention_name="bob", email="bob@example.com")
     state.create_room(ROOM, topic="Factor recipes")
     with rt.db.session() as s:
-        conns.add_connection(s, "demo", server.base_url, "demo-admin-token", rt.cipher)
+        conns.add_connection(s, "demo", server.base_url, DEMO_TOKEN, rt.cipher)
     create_subscriptions(rt, subscriptions())
-    out(f"emulator at {server.base_url}; worker and beat polling every {interval:g}s "
-        f"(embedded: SQLite, in-process broker and token bucket)")
+    out(
+        f"emulator at {server.base_url}; worker and beat polling every {interval:g}s "
+        f"(embedded: SQLite, in-process broker and token bucket)"
+    )
     worker.start()
     out("first poll primes every subscription (it fires nothing) ...")
     if not wait_for(lambda: _all_primed(rt), timeout):
@@ -130,11 +160,17 @@ def _scenario(rt: Runtime, server: Any, worker: EmbeddedWorker, interval: float,
     state.enter_room(ROOM, bob["id"])
     state.create_room("Launch")
     seen = Seen()
-    done = wait_for(lambda: _print_new(rt, seen, out) and all(seen.events[e] for e in EXPECTED),
-                    timeout)
-    pongs = [m for m in state.history(ROOM) if m.get("type") == "notification"
-             and m.get("message") == "pong hello" and m.get("color") == "green"]
-    calls = len(state.calls(token="demo-admin-token"))
+    done = wait_for(
+        lambda: _print_new(rt, seen, out) and all(seen.events[e] for e in EXPECTED), timeout
+    )
+    pongs = [
+        m
+        for m in state.history(ROOM)
+        if m.get("type") == "notification"
+        and m.get("message") == "pong hello"
+        and m.get("color") == "green"
+    ]
+    calls = len(state.calls(token=DEMO_TOKEN))
     out("")
     out("summary: " + ", ".join(f"{e} x{seen.events[e]}" for e in EXPECTED))
     out(f"pong hello answered in green: {len(pongs)} time(s); HipChat calls used: {calls}")

@@ -364,7 +364,7 @@ def _add_subscription(
     )
     # storage.validate_name refuses ':' because it guards the names people type; the recipe
     # prefix relies on exactly that to never collide with them, so the name is set here.
-    row.name = recipe.stored_name
+    row.name = recipe.stored_name  # (kept: add_subscription now accepts it too)
     s.flush()
     if room_id is not None:
         subs.set_room_id(s, row.id, room_id)

@@ -78,15 +78,14 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
         except Exception:  # keep the previous list: a database blip must not stop beat
             log.exception("beat: could not read connections; keeping %d", len(self._targets))
             return
-        targets = {
-            row.id: PollTarget(row.id, row.poll_offset_seconds % interval) for row in rows
-        }
+        targets = {row.id: PollTarget(row.id, row.poll_offset_seconds % interval) for row in rows}
         for gone in set(self._targets) - set(targets):
             log.info("beat: connection %s no longer scheduled", gone)
             self._sent.pop(gone, None)
         for new in set(targets) - set(self._targets):
-            log.info("beat: scheduling connection %s at offset %.1fs", new,
-                     targets[new].offset_seconds)
+            log.info(
+                "beat: scheduling connection %s at offset %.1fs", new, targets[new].offset_seconds
+            )
             # Start with the current interval: a new connection is polled right away.
             self._sent[new] = interval_index(now, interval, targets[new].offset_seconds) - 1
         self._targets = targets
@@ -98,7 +97,7 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
         interval = settings.poll_interval_seconds
         if now - self._last_sync >= min(SYNC_EVERY_SECONDS, interval):
             self._sync_connections(now)
-        wake = now + self.max_interval
+        wake: float = now + float(self.max_interval)
         for target in self._targets.values():
             index = interval_index(now, interval, target.offset_seconds)
             if index > self._sent.get(target.connection_id, index - 1):
@@ -108,7 +107,7 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
             self._last_relay = now
             self._send(RELAY_TASK, [], expires=settings.relay_interval_seconds)
         wake = min(wake, self._last_relay + settings.relay_interval_seconds)
-        return max(0.0, min(wake - now, self.max_interval))
+        return max(0.0, min(wake - now, float(self.max_interval)))
 
     def _send_poll(self, connection_id: int, index: int, interval: float) -> None:
         if self._send(POLL_TASK, [connection_id, index], expires=interval):

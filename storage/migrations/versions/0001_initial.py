@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
 
 revision: str = "0001"
 down_revision: str | Sequence[str] | None = None
@@ -40,7 +39,7 @@ def _timestamp(name: str, nullable: bool = False) -> sa.Column[object]:
 
 
 def _json(name: str) -> sa.Column[object]:
-    return sa.Column(name, sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False)
+    return sa.Column(name, sa.JSON(), nullable=False)
 
 
 def _one_of(name: str, column: str, values: Sequence[str]) -> sa.CheckConstraint:
@@ -89,7 +88,7 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("state_reason", sa.Text(), nullable=True),
         _timestamp("primed_at", nullable=True),
-        sa.Column("name", sa.String(length=64), nullable=True),
+        sa.Column("name", sa.String(length=255), nullable=True),
         _timestamp("created_at"),
         _timestamp("updated_at"),
         _one_of("ck_subscriptions_event", "event", EVENTS),
