@@ -152,7 +152,7 @@ def run_action(
     api = Actions(rt, connection)
     if action == "post_message":
         sent = api.post_message(room, message or "")
-        return f"posted message {sent['id']}"
+        return f"posted {_short(message)} (message {sent['id']})"
     if action == "send_notification":
         api.send_notification(
             room,
@@ -162,5 +162,10 @@ def run_action(
             notify=bool(notify),
             from_=extra.get("from"),
         )
-        return f"sent {color or 'yellow'} notification"
+        return f"sent {_short(message)} as a {color or 'yellow'} notification"
     raise ValidationError(f"unknown action {action!r}")
+
+
+def _short(text: str | None, limit: int = 60) -> str:
+    text = text or ""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")

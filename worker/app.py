@@ -28,7 +28,7 @@ def broker_url_for(settings: Settings) -> str:
         return settings.broker_url
     if settings.redis_url:
         return settings.redis_url
-    return "memory://"
+    return "memory://localhost/"
 
 
 def create_app(settings: Settings) -> Celery:
@@ -39,7 +39,9 @@ def create_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         # Polling the in-process memory broker every second would make the embedded demo
         # lag; Redis uses BRPOP and ignores this.
-        broker_transport_options={"polling_interval": 0.1} if broker == "memory://" else {},
+        broker_transport_options={"polling_interval": 0.1}
+        if broker.startswith("memory://")
+        else {},
         task_default_queue=ACTION_QUEUE,
         task_queues=[
             Queue(POLL_QUEUE, Exchange(POLL_QUEUE), routing_key=POLL_QUEUE),

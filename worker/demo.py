@@ -90,6 +90,7 @@ def subscriptions() -> list[SubscriptionSpec]:
                 "message": "pong {matches[0]}",
                 "color": "green",
                 "format": "text",
+                "from": "pong-bot",
             },
             room=ROOM,
             filter=r"^ping (.*)",
@@ -106,7 +107,14 @@ def subscriptions() -> list[SubscriptionSpec]:
 def run_demo(
     *, interval: float = 2.0, timeout: float = 60.0, out: Callable[[str], None] = print
 ) -> int:
+    import warnings
+
+    from celery.exceptions import SecurityWarning
+
     from emulator import EmulatorServer
+
+    # The demo often runs as root in a container; the advice is for production workers.
+    warnings.filterwarnings("ignore", category=SecurityWarning)
 
     with tempfile.TemporaryDirectory(prefix="hipchat-poller-demo-") as data_dir:
         settings = Settings(
@@ -120,7 +128,7 @@ def run_demo(
         server.start()
         app = create_app(settings)
         rt = Runtime.of(app)
-        worker = EmbeddedWorker(app, concurrency=4)
+        worker = EmbeddedWorker(app, concurrency=4, quiet=True)
         try:
             return _scenario(rt, server, worker, interval, timeout, out)
         finally:
@@ -189,7 +197,7 @@ def _all_primed(rt: Runtime) -> bool:
 
 def _print_new(rt: Runtime, seen: Seen, out: Callable[[str], None]) -> bool:
     with rt.db.session() as s:
-        for row in outbox.delivered_since(s, after_id=max(seen.printed, default=0)):
+        for row in outbox.delivered_since(s, after_id=0, limit=10_000):
             if row.id not in seen.printed:
                 seen.printed.add(row.id)
                 seen.events[row.event] += 1

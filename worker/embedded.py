@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 class EmbeddedWorker:
     """Start with :meth:`start`, stop with :meth:`stop`; or :meth:`run` in the foreground."""
 
-    def __init__(self, app: Celery, *, concurrency: int = 4, loglevel: str = "WARNING") -> None:
+    def __init__(
+        self, app: Celery, *, concurrency: int = 4, loglevel: str = "WARNING", quiet: bool = False
+    ) -> None:
         self.app = app
-        self.beat: Any = EmbeddedService(app, thread=True)
+        self.beat: Any = EmbeddedService(app, thread=True, scheduler_cls=app.conf.beat_scheduler)
         self.worker: Any = app.Worker(
             pool="threads",
             concurrency=concurrency,
@@ -36,6 +38,7 @@ class EmbeddedWorker:
             without_gossip=True,
             hostname=f"embedded@{threading.get_native_id()}",
             redirect_stdouts=False,
+            quiet=quiet,
         )
         self._thread: threading.Thread | None = None
 
