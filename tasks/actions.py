@@ -3,9 +3,12 @@
 Every call goes through the connection's client, so it takes a token from the connection's
 shared bucket first. Actions take a connection *name or id*, never a token.
 
-``list_room_users`` answers with the room's **members** for a private room and its
-**participants** (offline ones included) for a public room: HipChat v2 only documents
-members for private rooms.
+Input is checked before the first call, and every problem is reported at once
+(:class:`~tasks.errors.ValidationError`); what HipChat refuses comes back as the exception
+tree of :mod:`tasks.errors` (an unknown room or user is :class:`~tasks.errors.NotFound`).
+
+Rooms are an id (``10001`` or ``"10001"``) or a name. Users are an id, an email, or a mention
+name with or without its ``@`` (``"@bobb"`` or ``"bobb"``: HipChat itself wants the ``@``).
 """
 
 from __future__ import annotations
@@ -16,34 +19,72 @@ from typing import Any
 
 from storage import connections as conns
 from tasks.client import HipChatClient
-from tasks.errors import BadRequest, NeedsAttention, ValidationError
+from tasks.errors import BadRequest, NeedsAttention, NotFound, ValidationError
 from tasks.runtime import Runtime
-from tasks.subscribe import COLORS, FORMATS
+from tasks.subscribe import COLORS, FORMATS, normalise_color
 
 Room = int | str
+User = int | str
+
+MESSAGE_MAX_CHARS = 1000
+NOTIFICATION_MAX_CHARS = 10_000
+FROM_MAX_CHARS = 64
+REF_MAX_CHARS = 100
 
 
 def _room_arg(room: Room) -> Room:
-    if isinstance(room, str) and room.isdigit():
+    if isinstance(room, int) and not isinstance(room, bool) and room > 0:
+        return room
+    if isinstance(room, str) and room.strip().isdigit():
         return int(room)
-    if isinstance(room, str) and not 1 <= len(room) <= 100:
-        raise ValidationError("room must be an id or a name of 1..100 characters")
-    return room
+    if isinstance(room, str) and 1 <= len(room) <= REF_MAX_CHARS and room.strip():
+        return room
+    raise ValidationError(f"room must be an id or a name of 1..{REF_MAX_CHARS} characters")
+
+
+def _user_arg(user: User) -> User:
+    """An id as int; an email or ``@mention`` as given; a bare mention name gets its ``@``."""
+    if isinstance(user, int) and not isinstance(user, bool) and user > 0:
+        return user
+    if not isinstance(user, str) or not user.strip() or len(user.strip()) > REF_MAX_CHARS:
+        raise ValidationError("user must be an id, an email or an @mention name")
+    user = user.strip()
+    if user.isdigit():
+        return int(user)
+    return user if "@" in user else "@" + user
+
+
+def message_errors(message: object, limit: int) -> list[str]:
+    if not isinstance(message, str):
+        return ["message must be text"]
+    if not 1 <= len(message) <= limit:
+        return [f"message must be 1..{limit} characters (got {len(message)})"]
+    return []
 
 
 def validate_message(message: str, limit: int) -> None:
-    if not isinstance(message, str) or not 1 <= len(message) <= limit:
-        raise ValidationError(f"message must be 1..{limit} characters (got {len(message or '')})")
+    errors = message_errors(message, limit)
+    if errors:
+        raise ValidationError(errors[0], errors)
 
 
-def validate_notification(color: str, message_format: str, from_: str | None) -> None:
-    errors = []
+def notification_errors(
+    message: object, color: str, message_format: str, notify: object, from_: str | None
+) -> list[str]:
+    """Every problem with a notification's fields (``color`` already normalised)."""
+    errors = message_errors(message, NOTIFICATION_MAX_CHARS)
     if color not in COLORS:
         errors.append(f"color must be one of {', '.join(COLORS)}, not {color!r}")
     if message_format not in FORMATS:
         errors.append(f"message_format must be text or html, not {message_format!r}")
-    if from_ is not None and len(from_) > 64:
-        errors.append("from must be at most 64 characters")
+    if not isinstance(notify, bool):
+        errors.append("notify must be true or false")
+    if from_ is not None and (not isinstance(from_, str) or len(from_) > FROM_MAX_CHARS):
+        errors.append(f"from must be text of at most {FROM_MAX_CHARS} characters")
+    return errors
+
+
+def _refuse(errors: list[str]) -> None:
     if errors:
         raise ValidationError("; ".join(errors), errors)
 
@@ -71,8 +112,12 @@ class Actions:
             yield client
 
     def list_room_users(self, room: Room) -> dict[str, Any]:
+        """The users of a room: its **members** if the room is private, its **participants**
+        (offline ones included) if it is public, since HipChat keeps members only for private
+        rooms. ``source`` says which; two calls (the room, then its users)."""
+        ref = _room_arg(room)
         with self._client() as client:
-            found = client.get_room(_room_arg(room))
+            found = client.get_room(ref)
             if found.privacy == "private":
                 users, source = client.members(found.id), "members"
             else:
@@ -83,16 +128,15 @@ class Actions:
             "items": [u.raw for u in users],
         }
 
-    def get_user(self, user: int | str) -> dict[str, Any]:
-        if isinstance(user, str) and not user.strip():
-            raise ValidationError("user must be an id, an email or an @mention name")
+    def get_user(self, user: User) -> dict[str, Any]:
+        """A user's details by id, email or @mention name (HipChat's full user object)."""
+        ref = _user_arg(user)
         with self._client() as client:
-            return client.get_user(
-                int(user) if isinstance(user, str) and user.isdigit() else user
-            ).raw
+            return client.get_user(ref).raw
 
     def post_message(self, room: Room, message: str) -> dict[str, Any]:
-        validate_message(message, 1000)
+        """Post a message (1..1000 characters) as the token's user: ``{id, timestamp}``."""
+        _refuse(_ref_errors(room) + message_errors(message, MESSAGE_MAX_CHARS))
         with self._client() as client:
             sent = client.send_message(_room_arg(room), message)
         return {"id": sent.id, "timestamp": sent.timestamp}
@@ -107,8 +151,11 @@ class Actions:
         notify: bool = False,
         from_: str | None = None,
     ) -> dict[str, Any]:
-        validate_message(message, 10000)
-        validate_notification(color, message_format, from_)
+        """Send a room notification (1..10000 characters). ``color="random"`` is resolved by
+        HipChat into one of the five colours; ``"grey"`` is taken for ``"gray"``."""
+        color = normalise_color(color)
+        problems = notification_errors(message, color, message_format, notify, from_)
+        _refuse(_ref_errors(room) + problems)
         with self._client() as client:
             client.send_notification(
                 _room_arg(room),
@@ -118,9 +165,13 @@ class Actions:
                 notify=notify,
                 from_=from_,
             )
-        return {"sent": True, "color": color, "message_format": message_format}
+        return {"sent": True, "color": color, "message_format": message_format, "notify": notify}
 
-    def add_member(self, room: Room, user: int | str) -> dict[str, Any]:
+    def add_member(self, room: Room, user: User) -> dict[str, Any]:
+        """Add a user to a **private** room; a public room is refused with a ValidationError
+        (HipChat has no members to add there). Adding a member again changes nothing."""
+        _refuse(_ref_errors(room) + _ref_errors(user, _user_arg))
+        ref = _user_arg(user)
         with self._client() as client:
             found = client.get_room(_room_arg(room))
             if found.privacy != "private":
@@ -128,12 +179,23 @@ class Actions:
                     f"room {found.name!r} is public; only private rooms have members to add"
                 )
             try:
-                client.add_member(
-                    found.id, int(user) if isinstance(user, str) and user.isdigit() else user
-                )
+                client.add_member(found.id, ref)
+            except NotFound as exc:
+                raise NotFound(f"user {ref!r} not found: {exc}", exc.status) from exc
             except BadRequest as exc:
-                raise ValidationError(f"HipChat refused to add {user!r}: {exc}") from exc
-        return {"added": True, "room": found.id, "user": user}
+                raise ValidationError(f"HipChat refused to add {ref!r}: {exc}") from exc
+        return {"added": True, "room": found.id, "user": ref}
+
+
+def _ref_errors(value: Any, check: Any = _room_arg) -> list[str]:
+    try:
+        check(value)
+    except ValidationError as exc:
+        return list(exc.errors)
+    return []
+
+
+ACTIONS = ("post_message", "send_notification")
 
 
 def run_action(
@@ -149,21 +211,21 @@ def run_action(
     **extra: Any,
 ) -> str:
     """Run a trigger's action target; returns a one-line outcome for the outbox record."""
+    if action not in ACTIONS:
+        raise ValidationError(f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
     api = Actions(rt, connection)
     if action == "post_message":
         sent = api.post_message(room, message or "")
         return f"posted {_short(message)} (message {sent['id']})"
-    if action == "send_notification":
-        api.send_notification(
-            room,
-            message or "",
-            color=color or "yellow",
-            message_format=message_format or "html",
-            notify=bool(notify),
-            from_=extra.get("from"),
-        )
-        return f"sent {_short(message)} as a {color or 'yellow'} notification"
-    raise ValidationError(f"unknown action {action!r}")
+    result = api.send_notification(
+        room,
+        message or "",
+        color=color or "yellow",
+        message_format=message_format or "html",
+        notify=bool(notify),
+        from_=extra.get("from"),
+    )
+    return f"sent {_short(message)} as a {result['color']} notification"
 
 
 def _short(text: str | None, limit: int = 60) -> str:

@@ -2,7 +2,8 @@
 
 Task arguments carry ids and names only, never a token or a secret.
 
-* ``hipchat.poll_connection(connection_id, interval_index)`` (queue ``hipchat.polls``)
+* ``hipchat.poll_connection(connection_id, interval_index)`` (queue ``hipchat.polls``);
+  its retries add ``first_try_at`` (an ISO time)
 * ``hipchat.relay_outbox()`` (queue ``hipchat.polls``)
 * ``hipchat.deliver(subscription_id)`` (queue ``hipchat.actions``)
 * ``hipchat.action.<name>(connection, ...)`` (queue ``hipchat.actions``): the actions of
@@ -22,7 +23,7 @@ from storage import outbox
 from tasks.actions import Actions
 from tasks.delivery import drain
 from tasks.errors import RetryLater
-from tasks.poll import poll_connection
+from tasks.poll import PollResult, poll_connection
 from tasks.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -31,15 +32,28 @@ DELIVER_TASK = "hipchat.deliver"
 
 
 def enqueue_deliveries(task: Task, rt: Runtime, dispatch: dict[int, list[int]]) -> None:
-    """After commit: one drain per subscription that got events, then mark them dispatched."""
+    """After commit: one drain per subscription that got events.
+
+    The events are marked dispatched *before* the drain is sent: marking clears
+    ``next_attempt_at``, so marking after a fast drain had already failed an event would
+    erase its backoff (or a flood-control wait). A send that fails after the mark loses
+    nothing: the relay re-sends dispatched events that stay open too long.
+    """
     for subscription_id, event_ids in dispatch.items():
-        task.app.send_task(DELIVER_TASK, args=[subscription_id])
         with rt.db.session() as s:
             outbox.mark_dispatched(s, event_ids, datetime.now(UTC))
+        task.app.send_task(DELIVER_TASK, args=[subscription_id])
 
 
 @shared_task(bind=True, name="hipchat.poll_connection", acks_late=True, max_retries=5)
-def poll_connection_task(self: Task, connection_id: int, interval_index: int | None = None) -> str:
+def poll_connection_task(
+    self: Task,
+    connection_id: int,
+    interval_index: int | None = None,
+    first_try_at: str | None = None,
+) -> str:
+    """``first_try_at`` is set on retries only: the streams the first attempt of this
+    interval's poll already read are not read again (each trigger once per interval)."""
     rt = Runtime.of(self.app)
     interval = rt.settings.poll_interval_seconds
     first_try = self.request.retries == 0
@@ -52,18 +66,30 @@ def poll_connection_task(self: Task, connection_id: int, interval_index: int | N
     owner = self.request.id or "local"
     if not rt.lease.acquire(connection_id, owner, ttl_seconds=interval):
         return f"connection {connection_id}: a poll is already running"
+    started = datetime.fromisoformat(first_try_at) if first_try_at else datetime.now(UTC)
+    result = PollResult(connection_id)
+    failure: RetryLater | None = None
     try:
-        result = poll_connection(rt, connection_id)
+        done_since = started if first_try_at else None
+        poll_connection(rt, connection_id, result=result, done_since=done_since)
     except RetryLater as exc:
-        if exc.retry_after >= interval:  # the next interval's poll will do it
-            log.warning("poll conn=%s gave up for this interval: %s", connection_id, exc)
-            return f"connection {connection_id}: deferred to next interval ({exc})"
-        raise self.retry(countdown=exc.retry_after, exc=exc) from exc
+        failure = exc
     finally:
-        rt.lease.release(connection_id, owner)
+        rt.lease.release(connection_id, owner)  # before a retry, which may run at once
+    # Streams committed before a failure are handed over now, not a minute later by the relay.
     enqueue_deliveries(self, rt, result.dispatch)
-    log.info("poll conn=%s %s", connection_id, result.status)
-    return f"connection {connection_id}: {result.status}"
+    if failure is None:
+        log.info("poll conn=%s %s", connection_id, result.status)
+        return f"connection {connection_id}: {result.status}"
+    if failure.retry_after >= interval:  # the next interval's poll will do it
+        log.warning("poll conn=%s gave up for this interval: %s", connection_id, failure)
+        return f"connection {connection_id}: deferred to next interval ({failure})"
+    raise self.retry(
+        args=[connection_id, interval_index],
+        kwargs={"first_try_at": started.isoformat()},
+        countdown=failure.retry_after,
+        exc=failure,
+    ) from failure
 
 
 @shared_task(bind=True, name="hipchat.deliver", acks_late=True, max_retries=None)
@@ -82,13 +108,17 @@ def deliver_task(self: Task, subscription_id: int) -> str:
 def relay_outbox_task(self: Task) -> str:
     """Re-enqueue drains for events a dead worker committed but never handed over."""
     rt = Runtime.of(self.app)
-    cutoff = datetime.now(UTC) - timedelta(seconds=rt.settings.relay_min_age_seconds)
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(seconds=rt.settings.relay_min_age_seconds)
+    dispatch: dict[int, list[int]] = {}
     with rt.db.session() as s:
-        stale = outbox.undispatched(s, older_than=cutoff, limit=1000)
-        dispatch: dict[int, list[int]] = {}
-        for event in stale:
+        # Marked in the transaction that selected them (SKIP LOCKED on PostgreSQL), so two
+        # relays running at once split the events instead of both sending them.
+        for event in outbox.undispatched(s, older_than=cutoff, limit=1000):
             dispatch.setdefault(event.subscription_id, []).append(event.id)
-    enqueue_deliveries(self, rt, dispatch)
+        outbox.mark_dispatched(s, [i for ids in dispatch.values() for i in ids], now)
+    for subscription_id in dispatch:
+        self.app.send_task(DELIVER_TASK, args=[subscription_id])
     return f"relayed {sum(map(len, dispatch.values()))} events"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,14 +28,18 @@ from tasks.targets import deliver
 log = logging.getLogger(__name__)
 
 DRAIN_LOCK_SECONDS = 120.0
+# A drain hands over to a fresh task (retry_after=0) after this many events or this long,
+# well inside the lock's lifetime: a drain that outlived its lock could run beside another
+# and break the order.
 MAX_EVENTS_PER_DRAIN = 500
+MAX_DRAIN_SECONDS = DRAIN_LOCK_SECONDS / 2
 
 
 @dataclass(frozen=True, slots=True)
 class DrainResult:
     delivered: int = 0
     dead: int = 0
-    retry_after: float | None = None  # set when the drain stopped to wait
+    retry_after: float | None = None  # set when the drain stopped early: drain again then
     busy: bool = False  # another worker holds this subscription's drain
 
 
@@ -65,12 +70,15 @@ def _drain_locked(rt: Runtime, subscription_id: int, now: datetime | None) -> Dr
         if row is None:
             return DrainResult()
         sub = SubView.of(row)
+    deadline = time.monotonic() + MAX_DRAIN_SECONDS
     for _ in range(MAX_EVENTS_PER_DRAIN):
+        if time.monotonic() > deadline:
+            break
         moment = now or datetime.now(UTC)
         with rt.db.session() as s:
             event = outbox.next_for_subscription(s, subscription_id, moment)
             if event is None:
-                break
+                return DrainResult(delivered, dead)
             if event.next_attempt_at is not None and event.next_attempt_at > moment:
                 return DrainResult(
                     delivered, dead, (event.next_attempt_at - moment).total_seconds()
@@ -92,7 +100,8 @@ def _drain_locked(rt: Runtime, subscription_id: int, now: datetime | None) -> Dr
             outbox.mark_delivered(s, event_id, moment, outcome)
         log.info("delivered event=%s sub=%s %s: %s", event_id, sub.id, sub.event, outcome)
         delivered += 1
-    return DrainResult(delivered, dead)
+    # Out of events or time for this drain, not out of work: the caller drains again now.
+    return DrainResult(delivered, dead, 0.0)
 
 
 def _failed(

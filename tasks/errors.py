@@ -29,11 +29,28 @@ room, path without query string) and the text is composed from that.
 
 from __future__ import annotations
 
+from typing import Any
+
 DEFAULT_RETRY_AFTER_SECONDS = 5.0
 
 
+def _rebuild(cls: type[HipChatPollerError], message: str, state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
+
 class HipChatPollerError(Exception):
-    """Root of every error this project raises on purpose."""
+    """Root of every error this project raises on purpose.
+
+    Errors cross process boundaries (Celery pickles a task's exception into its retry and its
+    result), so each one pickles with its attributes: ``__reduce__`` rebuilds it from the
+    message and then restores ``__dict__``.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), str(self), self.__dict__))
 
 
 class RetryLater(HipChatPollerError):
@@ -47,7 +64,13 @@ class RetryLater(HipChatPollerError):
 class RateLimited(RetryLater):
     """HipChat answered 429. ``flood_control`` tells a per-room send limit from the API limit."""
 
-    def __init__(self, message: str, retry_after: float, *, flood_control: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after: float = DEFAULT_RETRY_AFTER_SECONDS,
+        *,
+        flood_control: bool = False,
+    ) -> None:
         super().__init__(message, retry_after)
         self.flood_control = flood_control
 
@@ -59,7 +82,7 @@ class BucketEmpty(RetryLater):
 class ServerError(RetryLater):
     """HipChat answered with a 5xx status."""
 
-    def __init__(self, message: str, status: int, retry_after: float = 5.0) -> None:
+    def __init__(self, message: str, status: int = 500, retry_after: float = 5.0) -> None:
         super().__init__(message, retry_after)
         self.status = status
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from storage import connections as conns
@@ -50,21 +51,24 @@ def on(
     filter: str | None = None,
     backfill: int = 0,
 ) -> Callable[[HandlerFn], HandlerFn]:
-    """Register the decorated function for ``event``; the arguments are checked right away."""
+    """Register the decorated function for ``event``; the arguments are checked right away
+    (a ValidationError listing every problem, when the module is imported)."""
+    unbound = SubscriptionSpec(
+        connection=connection,
+        event=event,
+        target_kind="handler",
+        target={"handler": "module:function"},
+        room=room,
+        filter=filter,
+        backfill=backfill,
+    )
+    validate_spec(unbound)
 
     def register(fn: HandlerFn) -> HandlerFn:
         ref = f"{fn.__module__}:{fn.__qualname__}"
-        spec = SubscriptionSpec(
-            connection=connection,
-            event=event,
-            target_kind="handler",
-            target={"handler": ref},
-            room=room,
-            filter=filter,
-            backfill=backfill,
-            name=f"handler:{ref}",
-        )
-        validate_spec(spec)
+        if "<" in fn.__qualname__:  # <locals>, <lambda>: a worker could never import it
+            raise ValidationError(f"handler {ref}: @on needs a module-level function")
+        spec = replace(unbound, target={"handler": ref}, name=f"handler:{ref}")
         _REGISTRY[ref] = Registration(ref, spec)
         return fn
 
@@ -76,39 +80,75 @@ def registered(module: str | None = None) -> list[Registration]:
 
 
 def load_module(module: str) -> list[Registration]:
+    """Import (or re-import) ``module`` and return its registrations as the code is now:
+    a handler deleted from the file since the last load is gone from the answer too."""
+    previous = {ref: r for ref, r in _REGISTRY.items() if r.function.startswith(module + ":")}
+    for ref in previous:
+        del _REGISTRY[ref]
     try:
-        importlib.import_module(module)
-    except ImportError as exc:
-        raise ValidationError(f"cannot import handlers module {module!r}: {exc}") from exc
+        loaded = sys.modules.get(module)
+        if loaded is None:
+            importlib.import_module(module)
+        else:
+            importlib.reload(loaded)
+    except HipChatPollerError:  # an @on(...) with bad arguments: its own clear message
+        _REGISTRY.update(previous)
+        raise
+    except Exception as exc:  # a broken user module: ImportError, SyntaxError, anything
+        _REGISTRY.update(previous)
+        raise ValidationError(
+            f"cannot import handlers module {module!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     return registered(module)
 
 
 def sync_handlers(rt: Runtime, module: str) -> list[str]:
-    """Make the stored handler subscriptions match the module's registrations."""
-    wanted = {r.spec.name: r for r in load_module(module)}
-    changes = []
+    """Make the stored handler subscriptions match the module's registrations: one per
+    handler, named ``handler:<module>:<function>``. Idempotent; a handler whose arguments
+    changed is replaced, one that disappeared is removed, one whose connection does not
+    exist yet is skipped (and added by a later sync). Returns one line per change."""
+    wanted = {str(r.spec.name): r.spec for r in load_module(module)}
     with rt.db.session() as s:
-        existing = {
-            row.name: (row.id, row.connection_id)
+        conn_ids = {row.name: row.id for row in conns.list_connections(s)}
+        stored = [
+            SubView.of(row)
             for row in subs.list_subscriptions(s)
-            if row.target_kind == "handler"
-            and row.name
-            and row.name.startswith(f"handler:{module}:")
-        }
-        known_conns = {row.name for row in conns.list_connections(s)}
-    for name, (sub_id, _conn) in existing.items():
-        if name not in wanted:
-            with rt.db.session() as s:
-                subs.remove_subscription(s, sub_id)
-            changes.append(f"removed {name}")
-    missing = [r.spec for n, r in wanted.items() if n not in existing]
-    for spec in missing:
-        if spec.connection not in known_conns:
-            log.warning("handler %s: no connection %r yet; skipped", spec.name, spec.connection)
+            if row.target_kind == "handler" and (row.name or "").startswith(f"handler:{module}:")
+        ]
+    changes: list[str] = []
+    kept: set[str] = set()
+    for view in stored:
+        name = str(view.name)
+        spec = wanted.get(name)
+        if spec is not None and name not in kept and _same(view, spec, conn_ids):
+            kept.add(name)
+            continue
+        with rt.db.session() as s:
+            subs.remove_subscription(s, view.id)
+        changes.append(f"{'removed' if spec is None else 'replaced'} {name}")
+    for name, spec in wanted.items():
+        if name in kept:
+            continue
+        if spec.connection not in conn_ids:
+            log.warning("handler %s: no connection %r yet; skipped", name, spec.connection)
+            changes.append(f"skipped {name}: no connection {spec.connection!r}")
             continue
         create_subscriptions(rt, [spec])
-        changes.append(f"added {spec.name}")
+        if f"replaced {name}" not in changes:
+            changes.append(f"added {name}")
     return changes
+
+
+def _same(view: SubView, spec: SubscriptionSpec, conn_ids: dict[str, int]) -> bool:
+    """True if the stored subscription is what ``spec`` asks for."""
+    return (
+        view.connection_id == conn_ids.get(spec.connection)
+        and view.event == spec.event
+        and view.room == (spec.room.strip() if spec.room else None)
+        and view.filter == spec.filter
+        and view.backfill == spec.backfill
+        and view.target == spec.target
+    )
 
 
 def resolve(ref: str) -> HandlerFn:

@@ -5,9 +5,11 @@ This is the orchestrator of the poll; the diff itself is pure (:mod:`tasks.diff`
 
 Per poll, for each watched room, the room's history is fetched **once** whatever the number
 of triggers on it; the participant list once per room with enter/exit triggers; the room
-list once (every page) when a room-list trigger exists. Each room's new events, its
-watermark advance and the priming of its subscriptions are committed in **one
-transaction**; the caller enqueues delivery of the returned event ids only after that.
+list once (every page) when a room-list trigger exists. These streams are read least
+recently polled first (:func:`plan`), so a budget that runs out mid-poll starves none.
+Each stream's new events, its watermark advance and the priming of its subscriptions are
+committed in **one transaction**; the caller enqueues delivery of the returned event ids
+only after that.
 """
 
 from __future__ import annotations
@@ -82,24 +84,34 @@ class ConnView:
 class Poll:
     """The state of one poll: the connection, its client, and what has been found."""
 
-    def __init__(self, rt: Runtime, conn: ConnView, client: HipChatClient, now: datetime) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        conn: ConnView,
+        client: HipChatClient,
+        now: datetime,
+        result: PollResult | None = None,
+    ) -> None:
         self.rt, self.conn, self.client, self.now = rt, conn, client, now
-        self.result = PollResult(conn.id)
+        self.result = result if result is not None else PollResult(conn.id)
+
+    def poll_stream(self, stream: Stream) -> None:
+        """Read one stream, diff it, commit; a room's own failures stay with that room."""
+        try:
+            if stream.kind == HISTORY:
+                self._poll_room_history(stream.room_id, stream.subs)
+            elif stream.kind == STREAM_PARTICIPANTS:
+                self._poll_room_participants(stream.room_id, stream.subs)
+            else:
+                self._poll_room_list(stream.subs)
+        except NotFound:
+            if stream.kind == STREAM_ROOMS:
+                raise  # no room to blame: the base URL is wrong
+            self._room_gone(stream.room_id, stream.subs)
+        except MalformedResponse as exc:  # nothing is diffed from a bad answer
+            self._malformed(stream.room_id, exc)
 
     # -- history triggers ------------------------------------------------------------
-    def poll_history(self, by_room: dict[int, list[SubView]]) -> None:
-        for room_id, room_subs in by_room.items():
-            try:
-                self._poll_room_history(room_id, room_subs)
-            except NotFound:
-                self._room_gone(room_id, room_subs)
-            except MalformedResponse as exc:
-                # The watermark stays where it was; the next poll tries again.
-                self.result.problems.append(f"room {room_id}: {exc}")
-                log.warning(
-                    "poll conn=%s room=%s: malformed response: %s", self.conn.id, room_id, exc
-                )
-
     def _poll_room_history(self, room_id: int, room_subs: list[SubView]) -> None:
         page = self.rt.settings.history_page_size
         mark = self._watermark(room_id, HISTORY)
@@ -133,27 +145,28 @@ class Poll:
     def _fetch_new(
         self, room_id: int, mark: tuple[str | None, datetime], page: int
     ) -> list[Message]:
+        """Every item after the watermark, oldest first. A watermark without an id was
+        primed on an empty room: everything since is new, which may be more than a page."""
         last_id, last_date = mark
-        if last_id is None:  # primed on an empty room: everything is new
-            return diff.diff_latest(
-                self.client.latest_history(room_id, max_results=page), None, page_size=page
-            ).new
         try:
             items = self.client.latest_history(room_id, not_before=last_id, max_results=page)
         except BadRequest:
+            if last_id is None:
+                raise
             # The watermark message is gone (deleted); fall back to dates.
             log.info(
                 "poll conn=%s room=%s: not-before unknown, paging by date", self.conn.id, room_id
             )
             items = []
-            found = diff.LatestDiff(new=[], watermark_found=False, gap=True)
         else:
             found = diff.diff_latest(items, last_id, page_size=page, watermark_date=last_date)
-            if not found.gap:
+            # diff_latest cannot see a gap without a watermark id: a full page can.
+            if not (found.gap or (last_id is None and len(items) >= page)):
                 return found.new
         newest = items[0].date if items else self.now
         pages = self._history_back(room_id, newest, last_date)
-        return diff.merge_gap(pages, items, last_id, last_date)
+        # "" sorts before every id: with no watermark id, everything after its date is new.
+        return diff.merge_gap(pages, items, last_id or "", last_date)
 
     def _history_back(
         self, room_id: int, newest: datetime, oldest: datetime
@@ -183,17 +196,15 @@ class Poll:
         return found
 
     # -- participant triggers -----------------------------------------------------------
-    def poll_participants(self, by_room: dict[int, list[SubView]]) -> None:
-        for room_id, room_subs in by_room.items():
-            try:
-                current = self.client.participants(room_id)
-            except NotFound:
-                self._room_gone(room_id, room_subs)
-                continue
+    def _poll_room_participants(self, room_id: int, room_subs: list[SubView]) -> None:
+        current = self.client.participants(room_id)
+        # Baseline, diff, new baseline and events in one transaction, the generation read
+        # first: a concurrent poll that commits meanwhile cannot pair our old generation
+        # with its new baseline (see _generation).
+        with self.rt.db.session() as s:
+            generation = _generation(s, self.conn.id, room_id, STREAM_PARTICIPANTS)
+            known = room_store.known_participants(s, self.conn.id, room_id)
             found: list[NewEvent] = []
-            with self.rt.db.session() as s:
-                known = room_store.known_participants(s, self.conn.id, room_id)
-                generation = _generation(s, self.conn.id, room_id, STREAM_PARTICIPANTS)
             if generation is not None:
                 entered, exited = diff_participants(
                     {
@@ -205,16 +216,16 @@ class Poll:
                 for sub in (x for x in room_subs if x.primed):
                     people = entered if sub.event == "room_enter" else exited
                     found += [self._participant_event(sub, user, generation) for user in people]
-            self.result.rooms_polled += 1
-            with self.rt.db.session() as s:
-                room_store.replace_participants(
-                    s,
-                    self.conn.id,
-                    room_id,
-                    [ParticipantSnapshot.of(u) for u in current],
-                    at=self.now,
-                )
-                self._store(s, found, [x for x in room_subs if not x.primed])
+            room_store.replace_participants(
+                s,
+                self.conn.id,
+                room_id,
+                [ParticipantSnapshot.of(u) for u in current],
+                at=self.now,
+            )
+            inserted = self._store(s, found, [x for x in room_subs if not x.primed])
+        self._committed(inserted)
+        self.result.rooms_polled += 1
 
     def _participant_event(self, sub: SubView, user: Any, generation: str) -> NewEvent:
         payload = events.participant_event(
@@ -228,32 +239,32 @@ class Poll:
         return self._new_event(sub, payload)
 
     # -- room-list triggers -------------------------------------------------------------
-    def poll_room_list(self, room_subs: list[SubView]) -> None:
+    def _poll_room_list(self, room_subs: list[SubView]) -> None:
         current: list[Room] = self.client.list_rooms(include_private=True, include_archived=True)
-        with self.rt.db.session() as s:
+        with self.rt.db.session() as s:  # one transaction, generation first: see above
+            generation = _generation(s, self.conn.id, ROOM_LIST_ROOM_ID, STREAM_ROOMS)
             known = {
                 rid: RoomState(rid, r.name, r.privacy, r.is_archived, r.topic)
                 for rid, r in room_store.known_rooms(s, self.conn.id).items()
             }
-            generation = _generation(s, self.conn.id, ROOM_LIST_ROOM_ID, STREAM_ROOMS)
-        found: list[NewEvent] = []
-        if generation is not None:
-            for change in diff_rooms(known, current):
-                for sub in room_subs:
-                    if sub.event == change.event and sub.primed:
-                        payload = events.room_event(
-                            change,
-                            connection=self.conn.summary(),
-                            subscription=sub.summary(),
-                            generation=generation,
-                            base_url=self.conn.base_url,
-                        )
-                        found.append(self._new_event(sub, payload))
-        with self.rt.db.session() as s:
+            found: list[NewEvent] = []
+            if generation is not None:
+                for change in diff_rooms(known, current):
+                    for sub in room_subs:
+                        if sub.event == change.event and sub.primed:
+                            payload = events.room_event(
+                                change,
+                                connection=self.conn.summary(),
+                                subscription=sub.summary(),
+                                generation=generation,
+                                base_url=self.conn.base_url,
+                            )
+                            found.append(self._new_event(sub, payload))
             room_store.replace_known_rooms(
                 s, self.conn.id, [RoomSnapshot.of(r) for r in current], at=self.now
             )
-            self._store(s, found, [x for x in room_subs if not x.primed])
+            inserted = self._store(s, found, [x for x in room_subs if not x.primed])
+        self._committed(inserted)
 
     # -- shared pieces --------------------------------------------------------------------
     def _watermark(self, room_id: int, stream: str) -> tuple[str | None, datetime] | None:
@@ -270,19 +281,33 @@ class Poll:
         priming: list[SubView],
     ) -> None:
         with self.rt.db.session() as s:
-            if mark is not None:
-                watermarks.advance_watermark(s, self.conn.id, room_id, stream, mark[0], mark[1])
-            else:
-                watermarks.mark_empty(s, self.conn.id, room_id, stream)
-            self._store(s, found, priming)
+            # Still empty: (None, EMPTY_DATE) is what mark_empty writes, but an advance also
+            # refreshes updated_at, which orders the streams of the next poll (see plan).
+            last_id, last_date = mark if mark is not None else (None, watermarks.EMPTY_DATE)
+            watermarks.advance_watermark(s, self.conn.id, room_id, stream, last_id, last_date)
+            inserted = self._store(s, found, priming)
+        self._committed(inserted)
 
-    def _store(self, s: Any, found: list[NewEvent], priming: list[SubView]) -> None:
+    def _store(
+        self, s: Any, found: list[NewEvent], priming: list[SubView]
+    ) -> list[tuple[int, int]]:
+        """Write events and priming marks; (subscription id, event id) of each new event."""
         inserted = outbox.add_events(s, found)
         if priming:
             subs.mark_primed(s, [x.id for x in priming], self.now)
         s.flush()
-        for row in inserted:
-            self.result.dispatch.setdefault(row.subscription_id, []).append(row.id)
+        return [(row.subscription_id, row.id) for row in inserted]
+
+    def _committed(self, inserted: list[tuple[int, int]]) -> None:
+        # Only after the transaction committed: a rolled-back event must never be dispatched.
+        for subscription_id, event_id in inserted:
+            self.result.dispatch.setdefault(subscription_id, []).append(event_id)
+
+    def _malformed(self, room_id: int, exc: MalformedResponse) -> None:
+        # Nothing was diffed or committed: the watermark or snapshot stays where it was and
+        # the next poll tries again.
+        self.result.problems.append(f"room {room_id}: {exc}")
+        log.warning("poll conn=%s room=%s: malformed response: %s", self.conn.id, room_id, exc)
 
     def _new_event(self, sub: SubView, payload: dict[str, Any]) -> NewEvent:
         return NewEvent(
@@ -306,7 +331,12 @@ class Poll:
 
 def _generation(s: Any, conn_id: int, room_id: int, stream: str) -> str | None:
     """The stored snapshot's time: the same for every poll that diffs against it, so a
-    redelivered or concurrent poll builds the same idempotency keys. None: not primed."""
+    redelivered or concurrent poll builds the same idempotency keys. None: not primed.
+
+    Read it first, in the transaction that stores the new baseline: a poll committing in
+    between can then at worst pair its newer baseline with the older generation, never the
+    older baseline with its newer generation (which would fire its events again under new
+    keys). The poll lease keeps polls of one connection from overlapping in the first place."""
     mark = watermarks.get_watermark(s, conn_id, room_id, stream)
     return mark.last_date.isoformat() if mark is not None else None
 
@@ -356,24 +386,74 @@ def group_by_room(views: list[SubView], kinds: frozenset[str]) -> dict[int, list
     return dict(grouped)
 
 
-def poll_connection(rt: Runtime, connection_id: int, now: datetime | None = None) -> PollResult:
-    """Poll one connection once. Raises :class:`RetryLater` subclasses for the task to retry."""
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """What one poll reads once: a room's history or participants, or the room list."""
+
+    kind: str  # HISTORY, STREAM_PARTICIPANTS or STREAM_ROOMS
+    room_id: int
+    subs: list[SubView]
+
+
+def plan(
+    rt: Runtime, conn_id: int, views: list[SubView], done_since: datetime | None = None
+) -> list[Stream]:
+    """Every stream the subscriptions need, the least recently polled first (never polled:
+    first of all); streams polled at or after ``done_since`` are left out.
+
+    A poll that runs out of budget stops (BucketEmpty) and the next one starts again: in a
+    fixed order the streams at the end would never be reached. ``done_since`` is when an
+    earlier attempt of the same interval's poll started: what it did is not done twice.
+    """
+    streams = [Stream(HISTORY, rid, s) for rid, s in group_by_room(views, HISTORY_EVENTS).items()]
+    streams += [
+        Stream(STREAM_PARTICIPANTS, rid, s)
+        for rid, s in group_by_room(views, PARTICIPANT_EVENTS).items()
+    ]
+    listing = [v for v in views if v.event in ROOM_LIST_EVENTS]
+    if listing:
+        streams.append(Stream(STREAM_ROOMS, ROOM_LIST_ROOM_ID, listing))
+    never = datetime.min.replace(tzinfo=UTC)
+    with rt.db.session() as s:
+        polled = {}
+        for stream in streams:
+            mark = watermarks.get_watermark(s, conn_id, stream.room_id, stream.kind)
+            polled[(stream.kind, stream.room_id)] = mark.updated_at if mark else never
+    if done_since is not None:
+        streams = [x for x in streams if polled[(x.kind, x.room_id)] < done_since]
+    return sorted(streams, key=lambda x: polled[(x.kind, x.room_id)])  # stable on ties
+
+
+def poll_connection(
+    rt: Runtime,
+    connection_id: int,
+    now: datetime | None = None,
+    *,
+    result: PollResult | None = None,
+    done_since: datetime | None = None,
+) -> PollResult:
+    """Poll one connection once. Raises :class:`RetryLater` subclasses for the task to retry.
+
+    Streams are committed one by one, so a poll that raises may already have committed
+    events: pass ``result`` to still see them in ``result.dispatch`` then, and on the retry
+    pass ``done_since`` (the first attempt's start) to skip what it did (see :func:`plan`).
+    """
     now = now or datetime.now(UTC)
+    result = result if result is not None else PollResult(connection_id)
     loaded = load(rt, connection_id)
     if loaded is None:
-        return PollResult(connection_id, skipped="connection missing or not active")
+        result.skipped = "connection missing or not active"
+        return result
     conn, token, views = loaded
     if not views:
-        return PollResult(connection_id, skipped="no active subscriptions")
+        result.skipped = "no active subscriptions"
+        return result
     with rt.client(conn.id, conn.base_url, token) as client:
-        poll = Poll(rt, conn, client, now)
+        poll = Poll(rt, conn, client, now, result)
         try:
             views = resolve_rooms(rt, poll, views)
-            poll.poll_history(group_by_room(views, HISTORY_EVENTS))
-            poll.poll_participants(group_by_room(views, PARTICIPANT_EVENTS))
-            listing = [v for v in views if v.event in ROOM_LIST_EVENTS]
-            if listing:
-                poll.poll_room_list(listing)
+            for stream in plan(rt, conn.id, views, done_since):
+                poll.poll_stream(stream)
         except (AuthFailed, Forbidden) as exc:
             with rt.db.session() as s:
                 conns.set_connection_state(s, conn.id, "auth_failed", str(exc))

@@ -3,17 +3,28 @@
 Everything a user typed is checked here before anything is stored: the event name, the
 room (required for room events, refused for room-list events), the regex filter (linear
 time engine), the downstream target and its templates. Every problem is reported at once.
+
+Templates are checked against the event they will be rendered with: a field must start with
+one of the event's top-level keys (:data:`EVENT_FIELDS`), no step may name a private
+attribute (``{item.__class__}``), and ``{matches[n]}`` needs a filter with ``n + 1`` groups.
+A template that passes can still miss a key of one particular item at render time; that is
+recorded on the event, never sent as a wrong message.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import re2
+
+from storage.models import SUBSCRIPTION_NAME_PATTERN
 from tasks.errors import ValidationError
 from tasks.filters import compile_filter
-from tasks.templates import compile_template
+from tasks.templates import Template, compile_template
 
 HISTORY_EVENTS = frozenset(
     {"room_message", "room_file_upload", "room_notification", "room_topic_change"}
@@ -24,12 +35,37 @@ EVENTS = HISTORY_EVENTS | PARTICIPANT_EVENTS | ROOM_LIST_EVENTS
 
 TARGET_KINDS = ("webhook", "log", "action", "handler")
 COLORS = ("yellow", "green", "red", "purple", "gray", "random")
+# Factor's documentation spells it "grey"; HipChat only knows "gray".
+COLOR_ALIASES = {"grey": "gray"}
 FORMATS = ("text", "html")
-# Actions a trigger can run, with the template fields each one takes.
+# The top-level keys of every event payload (tasks.events); a template starts with one.
+EVENT_FIELDS = (
+    "event",
+    "item",
+    "connection",
+    "subscription",
+    "matches",
+    "message",
+    "idempotency_key",
+)
+# Actions a trigger can run, with the template fields each one takes and their HipChat limits.
 ACTION_TEMPLATES = {
     "post_message": ("message",),
     "send_notification": ("message", "from"),
 }
+TEMPLATE_LIMITS = {
+    ("post_message", "message"): 1000,
+    ("send_notification", "message"): 10_000,
+    ("send_notification", "from"): 64,
+}
+MAX_ROOM_CHARS = 100
+
+_NAME = re.compile(SUBSCRIPTION_NAME_PATTERN)
+
+
+def normalise_color(color: str) -> str:
+    """``grey`` -> ``gray``; anything else unchanged (validation reports it)."""
+    return COLOR_ALIASES.get(color, color) if isinstance(color, str) else color
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,35 +84,68 @@ class SubscriptionSpec:
 
 def spec_errors(spec: SubscriptionSpec) -> list[str]:
     """Every problem with ``spec``, as sentences; empty when it is valid."""
-    errors: list[str] = []
-    if spec.event not in EVENTS:
-        errors.append(f"unknown event {spec.event!r}; expected one of {', '.join(sorted(EVENTS))}")
-    elif spec.event in ROOM_LIST_EVENTS and spec.room:
-        errors.append(f"{spec.event} watches the room list and takes no room")
-    elif spec.event not in ROOM_LIST_EVENTS and not spec.room:
-        errors.append(f"{spec.event} needs a room (name or id)")
-    if spec.room is not None and not 1 <= len(spec.room) <= 100:
-        errors.append("room must be 1..100 characters")
+    errors = _identity_errors(spec)
+    groups: int | None = 0  # capture groups the event's `matches` will hold
     if spec.filter is not None:
-        if spec.event != "room_message":
+        if spec.event in EVENTS and spec.event != "room_message":
             errors.append("a filter applies only to room_message")
-        errors.extend(_collect(compile_filter, spec.filter))
-    if not 0 <= spec.backfill <= 1000:
+        filter_errors = _collect(compile_filter, spec.filter)
+        errors.extend(filter_errors)
+        groups = None if filter_errors else _group_count(spec.filter)
+    if isinstance(spec.backfill, bool) or not isinstance(spec.backfill, int):
+        errors.append("backfill must be a whole number")
+    elif not 0 <= spec.backfill <= 1000:
         errors.append("backfill must be within 0..1000")
-    errors.extend(target_errors(spec.target_kind, spec.target))
+    errors.extend(target_errors(spec.target_kind, spec.target, groups=groups))
     return errors
 
 
-def target_errors(kind: str, target: dict[str, Any]) -> list[str]:
+def _identity_errors(spec: SubscriptionSpec) -> list[str]:
+    """The connection, the event and whether it takes a room. (Names are checked by whoever
+    makes them: :func:`name_errors` for the CLI and the API, the recipes loader for its own.)"""
+    errors: list[str] = []
+    if not isinstance(spec.connection, str) or not spec.connection.strip():
+        errors.append("a connection name is required")
+    has_room = isinstance(spec.room, str) and spec.room.strip() != ""
+    if spec.event not in EVENTS:
+        errors.append(f"unknown event {spec.event!r}; expected one of {', '.join(sorted(EVENTS))}")
+    elif spec.event in ROOM_LIST_EVENTS and spec.room is not None:
+        errors.append(f"{spec.event} watches the room list and takes no room")
+    elif spec.event not in ROOM_LIST_EVENTS and not has_room:
+        errors.append(f"{spec.event} needs a room (name or id)")
+    if has_room and len(str(spec.room)) > MAX_ROOM_CHARS:
+        errors.append(f"room must be 1..{MAX_ROOM_CHARS} characters")
+    return errors
+
+
+def name_errors(name: str | None) -> list[str]:
+    if name is None or (isinstance(name, str) and _NAME.fullmatch(name)):
+        return []
+    return [f"bad subscription name {name!r}: use 1 to 255 of A-Z a-z 0-9 _ . : -"]
+
+
+def _group_count(pattern: str) -> int | None:
+    try:
+        return int(re2.compile(pattern).groups)
+    except (re2.error, AttributeError, TypeError, ValueError):
+        return None
+
+
+def target_errors(kind: str, target: Any, *, groups: int | None = None) -> list[str]:
+    """Problems with a target. ``groups``: the filter's capture groups (``None``: unknown,
+    so ``{matches[n]}`` is not checked)."""
     if kind not in TARGET_KINDS:
         return [f"unknown target {kind!r}; expected one of {', '.join(TARGET_KINDS)}"]
+    if not isinstance(target, dict):
+        return [f"the {kind} target must be a mapping"]
     if kind == "webhook":
         return _webhook_errors(target)
     if kind == "action":
-        return _action_errors(target)
+        return _action_errors(target, groups)
     if kind == "handler":
         handler = target.get("handler")
-        if not isinstance(handler, str) or ":" not in handler:
+        module, _, function = handler.partition(":") if isinstance(handler, str) else ("", "", "")
+        if not module or not function:
             return ["handler target needs 'handler' as 'module:function'"]
     return []
 
@@ -85,13 +154,21 @@ def _webhook_errors(target: dict[str, Any]) -> list[str]:
     url = target.get("url")
     if not isinstance(url, str):
         return ["webhook target needs a url"]
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return [f"webhook url must be http(s)://host/...: {url!r}"]
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # a bad port raises here
+    except ValueError:
+        host = None
+    # No echo of the URL: its userinfo or query may hold a secret.
+    if not url.startswith(("http://", "https://")) or not host:
+        return ["webhook url must be http(s)://host/..."]
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        return ["webhook url must not contain spaces or control characters"]
     return []
 
 
-def _action_errors(target: dict[str, Any]) -> list[str]:
+def _action_errors(target: dict[str, Any], groups: int | None) -> list[str]:
     action = target.get("action")
     if action not in ACTION_TEMPLATES:
         return [f"action must be one of {', '.join(ACTION_TEMPLATES)}, not {action!r}"]
@@ -99,20 +176,74 @@ def _action_errors(target: dict[str, Any]) -> list[str]:
     if not isinstance(target.get("message"), str) or not target["message"]:
         errors.append(f"{action} needs a message template")
     for key in ACTION_TEMPLATES[action]:
-        if isinstance(target.get(key), str):
-            errors.extend(f"{key} template: {e}" for e in _collect(compile_template, target[key]))
+        value = target.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            errors.append(f"{key} template must be text")
+            continue
+        limit = TEMPLATE_LIMITS[(action, key)]
+        errors.extend(f"{key} template: {e}" for e in _template_errors(value, limit, groups))
     if action == "send_notification":
-        if target.get("color", "yellow") not in COLORS:
-            errors.append(f"color must be one of {', '.join(COLORS)}")
-        if target.get("format", "html") not in FORMATS:
-            errors.append("format must be text or html")
+        errors.extend(_notification_errors(target))
     room = target.get("room")
-    if room is not None and not (isinstance(room, str) and 1 <= len(room) <= 100):
-        errors.append("action room must be 1..100 characters")
+    if room is not None and not _room_ref_ok(room):
+        errors.append(f"action room must be a room id or a name of 1..{MAX_ROOM_CHARS} characters")
     return errors
 
 
-def _collect(compile_fn: Any, text: str) -> list[str]:
+def _notification_errors(target: dict[str, Any]) -> list[str]:
+    errors = []
+    if normalise_color(target.get("color", "yellow")) not in COLORS:
+        errors.append(f"color must be one of {', '.join(COLORS)}")
+    if target.get("format", "html") not in FORMATS:
+        errors.append("format must be text or html")
+    if not isinstance(target.get("notify", False), bool):
+        errors.append("notify must be true or false")
+    return errors
+
+
+def _room_ref_ok(room: object) -> bool:
+    if isinstance(room, bool):
+        return False
+    if isinstance(room, int):
+        return room > 0
+    return isinstance(room, str) and 1 <= len(room.strip()) <= MAX_ROOM_CHARS
+
+
+def _template_errors(text: str, limit: int, groups: int | None) -> list[str]:
+    try:
+        template = compile_template(text)
+    except ValidationError as exc:
+        return list(exc.errors)
+    errors = [_field_error(part, groups) for part in template.parts if not isinstance(part, str)]
+    literal = _literal_chars(template)
+    if literal > limit:
+        errors.append(f"its fixed text alone is {literal} characters; the limit is {limit}")
+    return [e for e in errors if e]
+
+
+def _literal_chars(template: Template) -> int:
+    return sum(len(part) for part in template.parts if isinstance(part, str))
+
+
+def _field_error(part: Any, groups: int | None) -> str | None:
+    """What is wrong with one ``{field}`` of a compiled template, or None."""
+    steps = [step.key for step in part.steps]
+    where = f"field {part.text} at position {part.position}"
+    private = next((key for key in steps if key.startswith("_")), None)
+    if private is not None:
+        return f"{where}: {private!r} is not an event field (names starting with '_' are refused)"
+    if steps[0] not in EVENT_FIELDS:
+        return f"{where}: the event has no {steps[0]!r}; it has {', '.join(EVENT_FIELDS)}"
+    index = steps[1] if steps[0] == "matches" and len(steps) > 1 else ""
+    if index.isdigit() and groups is not None and int(index) >= groups:
+        have = f"{groups} group(s)" if groups else "no groups (or no filter)"
+        return f"{where}: the filter has {have}, so matches[{index}] never exists"
+    return None
+
+
+def _collect(compile_fn: Callable[[str], object], text: str) -> list[str]:
     try:
         compile_fn(text)
     except ValidationError as exc:

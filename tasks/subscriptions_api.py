@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,7 +12,7 @@ from storage import connections as conns
 from storage import subscriptions as subs
 from tasks.errors import NeedsAttention, NotFound, RetryLater, ValidationError
 from tasks.runtime import Runtime
-from tasks.subscribe import ROOM_LIST_EVENTS, SubscriptionSpec, validate_spec
+from tasks.subscribe import ROOM_LIST_EVENTS, SubscriptionSpec, name_errors, spec_errors
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +88,33 @@ def resolve_room(rt: Runtime, connection_id: int, room: str) -> tuple[int | None
 
 
 def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[SubView]:
-    for spec in specs:
-        validate_spec(spec)
+    """Validate every spec, resolve each distinct room once, then store them all in one
+    transaction; any problem (all of them listed) stores nothing."""
+    _refuse(_all_errors(specs))
+    ids: dict[str, int] = {}
     with rt.db.session() as s:
-        ids = {}
         for spec in specs:
             conn_row = conns.get_connection(s, spec.connection)
-            if conn_row is None:
-                raise ValidationError(f"no connection named {spec.connection!r}")
-            ids[spec.connection] = conn_row.id
+            if conn_row is not None:
+                ids[spec.connection] = conn_row.id
+    _refuse(
+        _unique(
+            f"no connection named {spec.connection!r}"
+            for spec in specs
+            if spec.connection not in ids
+        )
+    )
     resolved: dict[tuple[int, str], tuple[int | None, str]] = {}
+    errors: list[str] = []
     for spec in specs:
         key = (ids[spec.connection], spec.room or "")
         if spec.room and spec.event not in ROOM_LIST_EVENTS and key not in resolved:
-            resolved[key] = resolve_room(rt, *key)
+            try:
+                resolved[key] = resolve_room(rt, *key)
+            except ValidationError as exc:
+                resolved[key] = (None, spec.room)
+                errors.extend(exc.errors)
+    _refuse(errors)
     views = []
     with rt.db.session() as s:
         for spec in specs:
@@ -122,3 +136,22 @@ def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[Sub
             s.flush()
             views.append(SubView.of(row))
     return views
+
+
+def _all_errors(specs: list[SubscriptionSpec]) -> list[str]:
+    errors = [e for spec in specs for e in spec_errors(spec) + name_errors(spec.name)]
+    seen: set[tuple[str, str]] = set()
+    for spec in specs:
+        if spec.name is not None and (spec.connection, spec.name) in seen:
+            errors.append(f"the name {spec.name!r} is given twice")
+        seen.add((spec.connection, spec.name or ""))
+    return _unique(errors)
+
+
+def _unique(errors: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(errors))
+
+
+def _refuse(errors: list[str]) -> None:
+    if errors:
+        raise ValidationError("invalid subscription: " + "; ".join(errors), errors)

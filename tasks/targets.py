@@ -17,12 +17,12 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import requests
 
-from storage import connections as conns
 from tasks.errors import (
     NeedsAttention,
     RetryLater,
@@ -30,6 +30,7 @@ from tasks.errors import (
     TransportError,
     ValidationError,
 )
+from tasks.ratelimit_headers import retry_after_seconds
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import SubView
 from tasks.templates import compile_template, render
@@ -42,6 +43,24 @@ USER_AGENT = "hipchat-poller-webhook/0.1"
 PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 413, 422})
 
 Target = Callable[[Runtime, SubView, dict[str, Any]], str]
+
+
+class _RedactQueries(logging.Filter):
+    """urllib3 logs each request line at DEBUG with its query string (``"POST
+    /hook?token=..."``), and a webhook URL's query may carry a credential: cut it there, as
+    :func:`_safe_url` does in our own messages."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                arg.split("?", 1)[0] + "?[redacted]" if isinstance(arg, str) and "?" in arg else arg
+                for arg in record.args
+            )
+        return True
+
+
+# A filter on the emitting logger: it applies whatever handlers the process configures.
+logging.getLogger("urllib3.connectionpool").addFilter(_RedactQueries())
 
 
 def canonical_body(event: dict[str, Any]) -> bytes:
@@ -67,19 +86,25 @@ def deliver_webhook(rt: Runtime, sub: SubView, event: dict[str, Any]) -> str:
         headers[SIGNATURE_HEADER] = sign(rt.cipher.decrypt(encrypted), body)
     try:
         response = rt.http.post(
-            url, data=body, headers=headers, timeout=rt.settings.webhook_timeout_seconds
+            url,
+            data=body,
+            headers=headers,
+            timeout=rt.settings.webhook_timeout_seconds,
+            # requests would turn a POST into a GET on 301/302/303 and count the GET's 2xx
+            # as a delivery: the event would be lost. A moved receiver needs a person.
+            allow_redirects=False,
         )
     except requests.RequestException as exc:
-        raise TransportError(f"webhook {_safe_url(url)}: {type(exc).__name__}") from exc
-    if 200 <= response.status_code < 300:
-        return f"webhook {response.status_code}"
-    if response.status_code in PERMANENT_STATUSES:
-        raise NeedsAttention(
-            f"webhook {_safe_url(url)} answered {response.status_code}", response.status_code
-        )
-    raise ServerError(
-        f"webhook {_safe_url(url)} answered {response.status_code}", response.status_code
-    )
+        # No stated wait: the delivery's exponential backoff decides (see tasks.delivery).
+        raise TransportError(f"webhook {_safe_url(url)}: {type(exc).__name__}", 0.0) from exc
+    status = response.status_code
+    if 200 <= status < 300:
+        return f"webhook {status}"
+    if status in PERMANENT_STATUSES or 300 <= status < 400:
+        raise NeedsAttention(f"webhook {_safe_url(url)} answered {status}", status)
+    # 5xx, 408, 429, ...: retried; a Retry-After the receiver sent is a floor on the wait.
+    stated = retry_after_seconds(response.headers, time.time())
+    raise ServerError(f"webhook {_safe_url(url)} answered {status}", status, stated or 0.0)
 
 
 def _safe_url(url: str) -> str:
@@ -149,17 +174,6 @@ def deliver(rt: Runtime, sub: SubView, event: dict[str, Any]) -> str:
     if target is None:
         raise ValidationError(f"unknown target kind {sub.target_kind!r}")
     return target(rt, sub, event)
-
-
-def connection_token(rt: Runtime, connection_id: int) -> tuple[str, str]:
-    """(base_url, token) of a connection; refuses a paused or failed one."""
-    with rt.db.session() as s:
-        row = conns.get_connection(s, connection_id)
-        if row is None:
-            raise ValidationError(f"no connection {connection_id}")
-        if row.state == "auth_failed":
-            raise NeedsAttention(f"connection {row.name} needs a new token: {row.state_reason}")
-        return row.base_url, conns.decrypt_token(row, rt.cipher)
 
 
 __all__ = ["TARGETS", "RetryLater", "canonical_body", "deliver", "sign"]

@@ -16,6 +16,7 @@ from tasks.errors import HipChatPollerError, InvalidInput, ValidationError
 from worker import cli_actions, cli_connections, cli_run, recipes
 
 Handler = Callable[[argparse.Namespace], int]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hipchat-poller",
         description="Polling triggers and actions for the HipChat REST API v2.",
     )
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="DEBUG, INFO, WARNING, ERROR (default INFO)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_connections.register(sub)
     cli_actions.register(sub)
@@ -34,19 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    # worker/beat/emulator pass their remaining options through untouched.
-    passthrough = cli_run.passthrough(args_list)
-    if passthrough is not None:
-        return passthrough
-    parser = build_parser()
-    args = parser.parse_args(args_list)
-    logging.basicConfig(
-        level=(args.log_level or "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    handler: Handler = args.handler
     try:
-        return handler(args)
+        return _dispatch(args_list)
     except ValidationError as exc:
         for line in exc.errors:
             print(f"error: {line}", file=sys.stderr)
@@ -59,6 +55,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _dispatch(args_list: list[str]) -> int:
+    # worker/beat/emulator pass their remaining options through untouched.
+    passthrough = cli_run.passthrough(args_list)
+    if passthrough is not None:
+        return passthrough
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # argparse: --help (0) or bad usage (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    level = args.log_level or "INFO"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # every command checks the schema; its INFO lines are noise here
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    handler: Handler = args.handler
+    return handler(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,10 +37,15 @@ def register(sub: Any) -> None:
     p = action("notify", "send a notification to a room (1..10000 characters)")
     p.add_argument("room")
     p.add_argument("message")
-    p.add_argument("--color", default="yellow", choices=COLORS)
-    p.add_argument("--format", dest="message_format", default="html", choices=FORMATS)
+    # Checked by Actions, so that every problem is reported at once.
+    p.add_argument("--color", default="yellow", help=f"{', '.join(COLORS)} (default yellow)")
+    p.add_argument(
+        "--format", dest="message_format", default="html", help=f"{' or '.join(FORMATS)}"
+    )
     p.add_argument("--notify", action="store_true", help="alert the room's users")
-    p.add_argument("--from", dest="from_", help="label shown beside the sender (<= 64)")
+    p.add_argument(
+        "--from", dest="from_", metavar="LABEL", help="label shown beside the sender (<= 64)"
+    )
     p.set_defaults(handler=cmd_notify)
     p = action("add-member", "add a user (id, email or @mention) to a private room")
     p.add_argument("room")

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from storage import connections as conns
 from storage import outbox
@@ -15,7 +17,7 @@ from storage import subscriptions as subs
 from tasks.errors import ValidationError
 from tasks.runtime import Runtime
 from tasks.settings import Settings
-from tasks.subscribe import EVENTS, SubscriptionSpec, validate_spec
+from tasks.subscribe import COLORS, EVENTS, FORMATS, SubscriptionSpec, name_errors, spec_errors
 from tasks.subscriptions_api import create_subscriptions
 
 TOKEN_ENV = "HIPCHAT_POLLER_TOKEN"  # noqa: S105 (a variable name, not a secret)
@@ -55,8 +57,8 @@ def register(sub: Any) -> None:
         "--event",
         action="append",
         required=True,
-        choices=sorted(EVENTS),
-        help="repeat for several events",
+        # No `choices`: an unknown event is reported together with every other problem.
+        help=f"repeat for several events: {', '.join(sorted(EVENTS))}",
     )
     s.add_argument("--room", help="room name or id (room events)")
     s.add_argument("--filter", help="regex for room_message; its groups become `matches`")
@@ -69,11 +71,15 @@ def register(sub: Any) -> None:
         "--reply", metavar="TEMPLATE", help="post a message, e.g. 'pong {matches[0]}'"
     )
     target.add_argument("--notify", metavar="TEMPLATE", help="send a notification")
-    target.add_argument("--handler", metavar="MODULE:FUNCTION", help="a Python handler")
+    target.add_argument(
+        "--handler", dest="handler_ref", metavar="MODULE:FUNCTION", help="a Python handler"
+    )
     s.add_argument("--secret", help="HMAC secret for --webhook (or $HIPCHAT_POLLER_WEBHOOK_SECRET)")
     s.add_argument("--to-room", help="room the action posts to (default: the event's room)")
-    s.add_argument("--color", default="yellow", help="for --notify")
-    s.add_argument("--format", default="html", choices=["html", "text"], help="for --notify")
+    s.add_argument("--color", default="yellow", help=f"for --notify: {', '.join(COLORS)}")
+    s.add_argument("--format", default="html", choices=FORMATS, help="for --notify")
+    s.add_argument("--from", dest="from_", metavar="TEMPLATE", help="for --notify: sender label")
+    s.add_argument("--alert", action="store_true", help="for --notify: notify the room's users")
     s.set_defaults(handler=cmd_subscribe)
 
     ls = sub.add_parser("subscriptions", help="list subscriptions")
@@ -92,10 +98,12 @@ def register(sub: Any) -> None:
 
 
 def read_token(args: argparse.Namespace) -> str:
-    if args.token:
+    """The token from --token, stdin (no echo on a terminal) or an environment variable.
+    Error messages never quote it."""
+    if args.token is not None:  # even "": an empty --token must not fall back to $VAR
         token = str(args.token)
     elif args.token_stdin:
-        token = sys.stdin.readline()
+        token = getpass.getpass("token: ") if sys.stdin.isatty() else sys.stdin.readline()
     else:
         var = args.token_env or TOKEN_ENV
         token = os.environ.get(var, "")
@@ -170,8 +178,8 @@ def _target(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "webhook", {"url": args.webhook, **({"secret": secret} if secret else {})}
     if args.log:
         return "log", {}
-    if args.handler:
-        return "handler", {"handler": args.handler}
+    if args.handler_ref:
+        return "handler", {"handler": args.handler_ref}
     room = {"room": args.to_room} if args.to_room else {}
     if args.reply is not None:
         return "action", {"action": "post_message", "message": args.reply, **room}
@@ -180,6 +188,8 @@ def _target(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         "message": args.notify,
         "color": args.color,
         "format": args.format,
+        "notify": args.alert,
+        **({"from": args.from_} if args.from_ is not None else {}),
         **room,
     }
 
@@ -199,14 +209,10 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         )
         for event in args.event
     ]
-    errors = []
-    for spec in specs:
-        try:
-            validate_spec(spec)
-        except ValidationError as exc:
-            errors.extend(exc.errors)
+    # Checked before touching the database: bad input needs no runtime.
+    errors = [e for spec in specs for e in spec_errors(spec) + name_errors(spec.name)]
     if errors:
-        raise ValidationError("invalid subscription", sorted(set(errors)))
+        raise ValidationError("invalid subscription", list(dict.fromkeys(errors)))
     rt = runtime()
     for view in create_subscriptions(rt, specs):
         room = f" room {view.room}" if view.room else ""
@@ -241,6 +247,8 @@ def cmd_subscriptions(args: argparse.Namespace) -> int:
 def subs_view(row: Any) -> dict[str, Any]:
     """A subscription as shown to people: secrets are never shown."""
     target = {k: v for k, v in dict(row.target).items() if "secret" not in k}
+    if isinstance(target.get("url"), str):
+        target["url"] = shown_url(target["url"])
     return {
         "id": row.id,
         "connection_id": row.connection_id,
@@ -255,6 +263,14 @@ def subs_view(row: Any) -> dict[str, Any]:
         "state_reason": row.state_reason,
         "primed": row.primed_at is not None,
     }
+
+
+def shown_url(url: str) -> str:
+    """A webhook URL for display: its userinfo and query string may hold a secret."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"***@{host}" if "@" in parts.netloc else host
+    return urlunsplit(parts._replace(netloc=netloc, query="***" if parts.query else ""))
 
 
 def cmd_unsubscribe(args: argparse.Namespace) -> int:
@@ -273,7 +289,23 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Connections with their state and last poll, subscriptions by state, the outbox."""
     rt = runtime()
     with rt.db.session() as s:
-        print(json.dumps(outbox.stats(s), indent=2, default=str))
+        connections = [
+            {
+                "id": row.id,
+                "name": row.name,
+                "state": row.state,
+                "state_reason": row.state_reason,
+                "last_poll_at": row.last_poll_at,
+                "last_poll_status": row.last_poll_status,
+            }
+            for row in conns.list_connections(s)
+        ]
+        states: dict[str, int] = {}
+        for sub in subs.list_subscriptions(s):
+            states[sub.state] = states.get(sub.state, 0) + 1
+        report = {"connections": connections, "subscriptions": states, "outbox": outbox.stats(s)}
+    print(json.dumps(report, indent=2, default=str))
     return 0

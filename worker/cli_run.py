@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Any
 
 from tasks.runtime import Runtime
@@ -20,7 +21,7 @@ def register(sub: Any) -> None:
         "run",
         help="worker and beat in one process (embedded defaults when no Redis/database URL is set)",
     )
-    run.add_argument("--concurrency", type=int, default=4)
+    run.add_argument("--concurrency", type=_positive_int, default=4)
     run.set_defaults(handler=cmd_run)
     demo = sub.add_parser(
         "demo",
@@ -38,31 +39,76 @@ def register(sub: Any) -> None:
         sub.add_parser(name, help=text, add_help=False)
 
 
+PASSTHROUGH = ("worker", "beat", "emulator")
+HELP_FLAGS = ("-h", "--help")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def passthrough(argv: list[str]) -> int | None:
-    """worker/beat/emulator take their own options; None if argv is not one of them."""
-    if not argv or argv[0] not in ("worker", "beat", "emulator"):
+    """worker/beat/emulator take their own options; None if argv is not one of them.
+
+    A leading ``--log-level LEVEL`` (our global option) is accepted and handed to Celery as
+    ``--loglevel`` unless the Celery options already set one.
+    """
+    level, rest = _global_log_level(argv)
+    if not rest or rest[0] not in PASSTHROUGH:
         return None
-    command, rest = argv[0], argv[1:]
+    command = rest[0]
+    # Celery knows only --help; -h is what people type.
+    options = ["--help" if a == "-h" else a for a in rest[1:]]
     if command == "emulator":
         from emulator.cli import main as emulator_main
 
-        return emulator_main(rest)
-    from celery.bin.celery import main as celery_main
+        return emulator_main(options)
+    wants_help = any(a in HELP_FLAGS for a in options)
+    if not wants_help:
+        settings = Settings.from_env()
+        if settings.embedded:
+            # An in-process broker and bucket cannot be shared with another process: a
+            # lone worker would never receive a task, a lone beat would send into the void.
+            print(
+                f"error: `hipchat-poller {command}` needs HIPCHAT_POLLER_REDIS_URL (a broker "
+                "and token buckets shared by every process); for one process on embedded "
+                "defaults use `hipchat-poller run`",
+                file=sys.stderr,
+            )
+            return 2
+        Runtime(settings).db.upgrade()
+    if level and not any(a.startswith(("-l", "--loglevel")) for a in options):
+        options = [*options, "--loglevel", level]
+    return _celery(command, options)
 
-    Runtime(Settings.from_env()).db.upgrade()
+
+def _global_log_level(argv: list[str]) -> tuple[str | None, list[str]]:
+    if argv and argv[0] == "--log-level" and len(argv) > 1:
+        return argv[1], argv[2:]
+    if argv and argv[0].startswith("--log-level="):
+        return argv[0].partition("=")[2], argv[1:]
+    return None, argv
+
+
+def _celery(command: str, options: list[str]) -> int:
+    """Run Celery's own ``worker`` or ``beat`` command on our app; its exit code."""
+    from celery.bin.celery import celery
+
     if command == "worker":
-        extra = (
-            []
-            if any(a.startswith(("-Q", "--queues")) for a in rest)
-            else ["-Q", f"{POLL_QUEUE},{ACTION_QUEUE}"]
-        )
-        args = ["-A", APP, "worker", "-E", *extra, *rest]
+        queues = any(a.startswith(("-Q", "--queues")) for a in options)
+        extra = [] if queues else ["-Q", f"{POLL_QUEUE},{ACTION_QUEUE}"]
+        args = ["-A", APP, "worker", "-E", *extra, *options]
     else:
-        args = ["-A", APP, "beat", *rest]
+        args = ["-A", APP, "beat", *options]
     try:
-        celery_main(args)  # exits through SystemExit
-    except SystemExit as exc:
-        return int(exc.code or 0)
+        # celery.bin.celery.main() takes no arguments: call its click group directly.
+        celery.main(args=args, prog_name="hipchat-poller", auto_envvar_prefix="CELERY")
+    except SystemExit as exc:  # click always ends with SystemExit in standalone mode
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
     return 0
 
 
@@ -87,5 +133,5 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    logging.getLogger().setLevel(args.log_level or "WARNING")
+    logging.getLogger().setLevel((args.log_level or "WARNING").upper())
     return run_demo(interval=args.interval, timeout=args.timeout)

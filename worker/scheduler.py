@@ -53,7 +53,9 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._targets: dict[int, PollTarget] = {}
         self._sent: dict[int, int] = {}
-        self._last_sync = -math.inf
+        # Not "_last_sync": celery's Scheduler uses that name (monotonic time) for its own
+        # schedule syncing, and this one holds wall-clock time.
+        self._last_connection_sync = -math.inf
         self._last_relay = -math.inf
         super().__init__(*args, **kwargs)
 
@@ -89,13 +91,13 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
             # Start with the current interval: a new connection is polled right away.
             self._sent[new] = interval_index(now, interval, targets[new].offset_seconds) - 1
         self._targets = targets
-        self._last_sync = now
+        self._last_connection_sync = now
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         now = time.time()
         settings = self.runtime.settings
         interval = settings.poll_interval_seconds
-        if now - self._last_sync >= min(SYNC_EVERY_SECONDS, interval):
+        if now - self._last_connection_sync >= min(SYNC_EVERY_SECONDS, interval):
             self._sync_connections(now)
         wake: float = now + float(self.max_interval)
         for target in self._targets.values():

@@ -1,0 +1,884 @@
+"""End to end, with real processes: ``hipchat-poller worker`` x2 and ``hipchat-poller beat`` as
+subprocesses, configured through the CLI, against the emulator over HTTP, Redis and PostgreSQL.
+
+How it fits together (see docs/testing.md):
+
+* the emulator runs in this process (``srv.state`` makes rooms and messages; ``srv.state.calls``
+  is the HipChat call log) and so does a webhook receiver that checks every signature;
+* the subprocesses get ``HIPCHAT_POLLER_*`` settings: a Redis database reserved for this run
+  (Celery's broker keys have fixed names), a unique key prefix, the session's fresh PostgreSQL
+  database, a Fernet key, a 2 s poll interval and a budget of 10 HipChat calls per 6 s;
+* every test makes its own connection (its own emulator token), so the call log of one test's
+  token is that test's traffic only; each test pauses its connection when done;
+* ``MONITOR`` records every Redis command of that database: the broker messages as written,
+  and the Celery task events (what Flower shows), used to time polls and to hunt secrets.
+
+Nothing waits with a bare sleep: every wait is a condition with a generous timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.fernet import Fernet
+
+from emulator import EmulatorServer
+from tests.e2e_support import (
+    RedisMonitor,
+    Service,
+    TaskRun,
+    WebhookReceiver,
+    claim_redis_db,
+    max_calls_in_window,
+    tail,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+HIPCHAT_POLLER = str(BIN / "hipchat-poller")
+CELERY = str(BIN / "celery")
+
+INTERVAL = 2.0  # HIPCHAT_POLLER_POLL_INTERVAL_SECONDS
+BUCKET_CAPACITY = 10  # HIPCHAT_POLLER_BUCKET_CAPACITY
+BUCKET_WINDOW = 6.0  # HIPCHAT_POLLER_BUCKET_WINDOW_SECONDS
+# The bucket grants a call at its Redis TIME; the emulator stamps it when the request
+# arrives, a few milliseconds later and not always the same few. The budget is checked on
+# windows this much shorter than the bucket's, so that jitter cannot fake a violation.
+ARRIVAL_JITTER = 0.5
+TIMEOUT = 45.0  # for anything that needs a few polls; generous for a loaded 2-core machine
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+E2E_DBS = [
+    int(x) for x in os.environ.get("HIPCHAT_POLLER_E2E_REDIS_DBS", "11,12,13,14,15").split(",")
+]
+POLL_TASK = "hipchat.poll_connection"
+
+
+@dataclass(frozen=True)
+class Conn:
+    name: str
+    token: str
+    id: int
+
+
+class E2E:
+    """Everything a test needs: the emulator, the receiver, the CLI, the logs, the database."""
+
+    def __init__(self, tmp: Path, postgres_url: str) -> None:
+        self.tmp = tmp
+        self.run_id = uuid.uuid4().hex[:8]
+        self.srv = EmulatorServer(
+            port=0,
+            admin_token=f"e2e-admin-{secrets.token_hex(8)}",
+            rate_limit=1_000_000,
+            flood_limit=10_000,
+        ).start()
+        self.receiver = WebhookReceiver().start()
+        self.claimed = claim_redis_db(REDIS_HOST, REDIS_PORT, E2E_DBS)
+        self.key_prefix = f"hp-e2e-{self.run_id}"
+        self.fernet_key = Fernet.generate_key().decode()
+        self.secrets: list[str] = [self.fernet_key, self.srv.admin_token]
+        self.cli_output: list[str] = []
+        self.services: list[Service] = []
+        self.monitor: RedisMonitor | None = None
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("HIPCHAT_POLLER_")} | {
+            "HIPCHAT_POLLER_REDIS_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.claimed.db}",
+            "HIPCHAT_POLLER_REDIS_KEY_PREFIX": self.key_prefix,
+            "HIPCHAT_POLLER_DATABASE_URL": postgres_url,
+            "HIPCHAT_POLLER_SECRET_KEY": self.fernet_key,
+            "HIPCHAT_POLLER_POLL_INTERVAL_SECONDS": str(INTERVAL),
+            "HIPCHAT_POLLER_RELAY_INTERVAL_SECONDS": str(INTERVAL),
+            # A failed webhook is retried after 0.25-0.5 s, then 0.5-1 s, ... (default base 2 s).
+            "HIPCHAT_POLLER_WEBHOOK_BACKOFF_BASE_SECONDS": "0.5",
+            "HIPCHAT_POLLER_BUCKET_CAPACITY": str(BUCKET_CAPACITY),
+            "HIPCHAT_POLLER_BUCKET_WINDOW_SECONDS": str(BUCKET_WINDOW),
+            "HIPCHAT_POLLER_DATA_DIR": str(tmp / "data"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        from tasks.runtime import Runtime
+        from tasks.settings import Settings
+
+        self.rt = Runtime(Settings.from_env(self.env))
+
+    # -- processes --------------------------------------------------------------------------
+    def start_services(self) -> None:
+        self.monitor = RedisMonitor(
+            REDIS_HOST, REDIS_PORT, self.claimed.db, self.tmp / "redis-monitor.log"
+        ).start()
+        workers = [
+            # Worker b logs at DEBUG, which shows the arguments of every task it runs.
+            ("worker-a", ["--concurrency", "2", "--loglevel", "INFO"]),
+            ("worker-b", ["--concurrency", "2", "--loglevel", "DEBUG"]),
+        ]
+        for name, options in workers:
+            self.services.append(
+                self._service(name, ["worker", "-n", f"{name}-{self.run_id}@%h", *options])
+            )
+        self.services.append(self._service("beat", ["beat", "--loglevel", "INFO"]))
+        for service in self.services:
+            service.start()
+        for service in self.services[:2]:
+            wait_for(
+                lambda s=service: " ready." in s.log_text() or not s.alive(),
+                60,
+                f"{service.name} to be ready",
+                describe=lambda s=service: tail(s.log_text()),
+            )
+            assert service.alive(), f"{service.name} exited:\n{tail(service.log_text())}"
+
+    def start_service(self, name: str, args: list[str]) -> Service:
+        """One more process (a second beat); stopped by the test, or at teardown."""
+        service = self._service(name, args).start()
+        self.services.append(service)
+        return service
+
+    def _service(self, name: str, args: list[str]) -> Service:
+        return Service(name, [HIPCHAT_POLLER, *args], self.env, self.tmp, self.tmp / f"{name}.log")
+
+    def close(self) -> None:
+        for service in self.services:
+            service.terminate()
+        for service in self.services:
+            service.stop()
+        if self.monitor is not None:
+            self.monitor.stop()
+        self.receiver.stop()
+        self.srv.stop()
+        self.claimed.release(self.key_prefix)
+        self.rt.db.dispose()
+
+    def service_logs(self) -> dict[str, str]:
+        return {s.name: s.log_text() for s in self.services}
+
+    def check_services_alive(self) -> None:
+        for service in self.services:
+            if service.returncode is None:  # not stopped on purpose
+                assert service.alive(), f"{service.name} died:\n{tail(service.log_text())}"
+
+    # -- the command line, as a user types it -------------------------------------------------
+    def cli(
+        self,
+        *args: str,
+        stdin: str | None = None,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [HIPCHAT_POLLER, *args],
+            input=stdin,
+            env=self.env | (env or {}),
+            cwd=self.tmp,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        self.cli_output.append(f"$ hipchat-poller {' '.join(args)}\n{done.stdout}{done.stderr}")
+        if check:
+            assert done.returncode == 0, (
+                f"hipchat-poller {' '.join(args)} exited {done.returncode}:\n"
+                f"{done.stdout}{done.stderr}"
+            )
+        return done
+
+    def add_connection(self, label: str) -> Conn:
+        """A connection with a token of its own (``connection add --token-stdin``)."""
+        token = f"e2e-{label}-{secrets.token_hex(12)}"
+        self.srv.state.create_token(1, token=token)
+        self.secrets.append(token)
+        name = f"{label}-{self.run_id}"
+        out = self.cli(
+            "connection",
+            "add",
+            name,
+            "--base-url",
+            self.srv.base_url,
+            "--token-stdin",
+            stdin=token + "\n",
+        ).stdout
+        assert token not in out
+        return Conn(name, token, self.connection_row(name).id)
+
+    def webhook(self, path: str) -> tuple[str, dict[str, str]]:
+        """A receiver URL and the environment that gives ``subscribe`` its secret."""
+        secret = secrets.token_urlsafe(24)
+        self.secrets.append(secret)
+        self.receiver.secret_for(path, secret)
+        return self.receiver.url(path), {"HIPCHAT_POLLER_WEBHOOK_SECRET": secret}
+
+    # -- the database, read directly ------------------------------------------------------------
+    def connection_row(self, name: str) -> Any:
+        from storage import connections as conns
+
+        with self.rt.db.session() as s:
+            row = conns.get_connection(s, name)
+            assert row is not None, f"no connection {name}"
+            s.expunge(row)
+            return row
+
+    def subscriptions(self, conn: Conn) -> list[Any]:
+        from storage import subscriptions as subs
+
+        with self.rt.db.session() as s:
+            rows = subs.list_subscriptions(s, conn.id)
+            for row in rows:
+                s.expunge(row)
+            return rows
+
+    def all_primed(self, conn: Conn) -> bool:
+        rows = self.subscriptions(conn)
+        return bool(rows) and all(r.primed_at is not None for r in rows)
+
+    def outbox(self, conn: Conn) -> list[Any]:
+        from sqlalchemy import select
+
+        from storage.models import OutboxEvent
+
+        with self.rt.db.session() as s:
+            rows = list(
+                s.scalars(
+                    select(OutboxEvent)
+                    .where(OutboxEvent.connection_id == conn.id)
+                    .order_by(OutboxEvent.id)
+                )
+            )
+            for row in rows:
+                s.expunge(row)
+            return rows
+
+    def database_text(self) -> bytes:
+        """Every row of every table as text: what is stored at rest."""
+        from storage.models import Base
+
+        with self.rt.db.session() as s:
+            return "\n".join(
+                str(tuple(row))
+                for table in Base.metadata.sorted_tables
+                for row in s.execute(table.select())
+            ).encode()
+
+    def quiet(self, conn: Conn) -> None:
+        """Stop polling a finished test's connection, so later tests run on idle workers."""
+        from storage import connections as conns
+
+        with self.rt.db.session() as s:
+            conns.set_connection_state(s, conn.id, "paused", "e2e test finished")
+
+    # -- what HipChat saw -------------------------------------------------------------------
+    def calls(self, conn: Conn, path_prefix: str | None = None) -> list[Any]:
+        return self.srv.state.calls(token=conn.token, path_prefix=path_prefix)
+
+    def history_calls(self, conn: Conn, room_id: int) -> list[Any]:
+        return self.calls(conn, f"/v2/room/{room_id}/history")
+
+    def poll_runs(self, conn: Conn) -> list[TaskRun]:
+        """Finished poll tasks of ``conn`` that polled (not skipped as a duplicate)."""
+        assert self.monitor is not None
+        runs = []
+        for run in self.monitor.task_runs(POLL_TASK):
+            if not (run.args or "").startswith(f"[{conn.id},") or run.finished is None:
+                continue
+            if run.state == "task-succeeded" and " events" in (run.result or ""):
+                runs.append(run)
+        return sorted(runs, key=lambda r: r.started or 0)
+
+    def wait_more_history_calls(self, conn: Conn, room_id: int, n: int) -> None:
+        """Wait until ``n`` more polls have fetched this room's history."""
+        before = len(self.history_calls(conn, room_id))
+        wait_for(
+            lambda: len(self.history_calls(conn, room_id)) >= before + n,
+            TIMEOUT,
+            f"{n} more history polls of room {room_id}",
+            describe=self.describe,
+        )
+
+    def describe(self) -> str:
+        parts = [f"--- {name} ---\n{tail(text, 25)}" for name, text in self.service_logs().items()]
+        return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def e2e_env(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[E2E]:
+    """Emulator, receiver, Redis database, settings and schema; no worker yet."""
+    e2e = E2E(tmp_path_factory.mktemp("e2e"), postgres_url)
+    try:
+        e2e.cli("migrate")
+        yield e2e
+    finally:
+        e2e.close()
+
+
+@pytest.fixture(scope="module")
+def stack(e2e_env: E2E) -> E2E:
+    """Two workers and beat, running."""
+    if not e2e_env.services:
+        e2e_env.start_services()
+    e2e_env.check_services_alive()
+    return e2e_env
+
+
+def _user(e2e: E2E, name: str) -> int:
+    return int(
+        e2e.srv.state.create_user(f"{name} {e2e.run_id}", mention_name=f"{name}{e2e.run_id}")["id"]
+    )
+
+
+# -- the deployment file ----------------------------------------------------------------------
+def test_docker_compose_services_run_commands_that_exist(e2e_env: E2E) -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"redis", "postgres", "migrate", "worker", "beat", "flower"}
+    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    entrypoint = json.loads(
+        next(line for line in dockerfile if line.startswith("ENTRYPOINT")).split(None, 1)[1]
+    )
+    assert entrypoint == ["hipchat-poller"]
+    from tasks.settings import Settings
+
+    fields = {f"HIPCHAT_POLLER_{name.upper()}" for name in Settings.__dataclass_fields__}
+    running: dict[str, tuple[list[str], subprocess.Popen[str]]] = {}
+    for name, service in services.items():
+        if "build" not in service:  # redis, postgres: upstream images
+            continue
+        env = service.get("environment") or {}
+        unknown = {k for k in env if k.startswith("HIPCHAT_POLLER_")} - fields
+        assert not unknown, f"{name}: settings that do not exist: {unknown}"
+        argv = list(service.get("entrypoint") or entrypoint) + list(service.get("command") or [])
+        exe = {"hipchat-poller": HIPCHAT_POLLER, "celery": CELERY}[argv[0]]
+        running[name] = (
+            argv,
+            subprocess.Popen(
+                [exe, *argv[1:], "--help"],
+                env=e2e_env.env,
+                cwd=e2e_env.tmp,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+        )
+    checked = []
+    for name, (argv, proc) in running.items():
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"{name}: {argv} --help exited {proc.returncode}:\n{out}"
+        assert "usage" in out.lower(), f"{name}: {argv} --help:\n{out}"
+        checked.append(name)
+    assert sorted(checked) == ["beat", "flower", "migrate", "worker"]
+    assert "migrate" in services["worker"]["depends_on"]
+    assert services["worker"]["depends_on"]["migrate"]["condition"] == (
+        "service_completed_successfully"
+    )
+
+
+def test_dockerfile_copies_files_that_exist() -> None:
+    """``docker compose build`` must be able to build the image every service runs."""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            *sources, _dest = line.split()[1:]
+            missing = [src for src in sources if not (ROOT / src).exists()]
+            assert not missing, f"Dockerfile: {line!r}: {missing} not in the repository"
+
+
+# -- triggers -------------------------------------------------------------------------------
+def test_first_poll_primes_and_fires_nothing(stack: E2E) -> None:
+    conn = stack.add_connection("t1")
+    alice = _user(stack, "alice1")
+    room = stack.srv.state.create_room(f"Primed {stack.run_id}")
+    for i in range(5):
+        stack.srv.state.post_message(room["id"], alice, f"before {i}")
+    url, secret_env = stack.webhook("/t1")
+    stack.cli(
+        "subscribe",
+        conn.name,
+        "--event",
+        "room_message",
+        "--room",
+        room["name"],
+        "--webhook",
+        url,
+        env=secret_env,
+    )
+    wait_for(
+        lambda: stack.history_calls(conn, room["id"]),
+        TIMEOUT,
+        "the first poll in the emulator's call log",
+        describe=stack.describe,
+    )
+    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "the subscription to be primed")
+    stack.wait_more_history_calls(conn, room["id"], 2)
+    assert stack.receiver.deliveries("/t1") == []
+    assert stack.outbox(conn) == []
+
+    # Primed: what comes after does fire, and only that.
+    stack.srv.state.post_message(room["id"], alice, "after")
+    got = wait_for(lambda: stack.receiver.deliveries("/t1"), TIMEOUT, "the message after priming")
+    assert [d.json["message"] for d in got] == ["after"]
+    stack.quiet(conn)
+
+
+def test_messages_files_and_rooms_reach_the_webhook_exactly_once(stack: E2E) -> None:
+    conn = stack.add_connection("t2")
+    alice = _user(stack, "alice2")
+    room = stack.srv.state.create_room(f"Deliveries {stack.run_id}")
+    url, secret_env = stack.webhook("/t2")
+    stack.cli(
+        "subscribe",
+        conn.name,
+        "--event",
+        "room_message",
+        "--event",
+        "room_file_upload",
+        "--room",
+        room["name"],
+        "--webhook",
+        url,
+        env=secret_env,
+    )
+    stack.cli("subscribe", conn.name, "--event", "room_created", "--webhook", url, env=secret_env)
+    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
+
+    new_room_name = f"Launch {stack.run_id}"
+    stack.srv.state.post_message(room["id"], alice, "hello one")
+    stack.srv.state.upload_file(room["id"], alice, "report.pdf", b"%PDF-1.4 e2e", message="Q3")
+    stack.srv.state.post_message(room["id"], alice, "hello two")
+    new_room = stack.srv.state.create_room(new_room_name)
+
+    def arrived() -> list[Any]:
+        got = stack.receiver.deliveries("/t2")
+        return got if len(got) >= 4 else []
+
+    got = wait_for(arrived, TIMEOUT, "4 webhook deliveries", describe=stack.describe)
+    seen_at = len(stack.calls(conn))
+    # A few more polls, then still exactly once each.
+    wait_for(
+        lambda: len(stack.calls(conn)) >= seen_at + 6,
+        TIMEOUT,
+        "three more polls (history + room list each)",
+    )
+    undelivered = [e for e in stack.outbox(conn) if e.state != "delivered"]
+    assert not undelivered, [(e.id, e.state, e.last_error) for e in undelivered]
+    got = stack.receiver.deliveries("/t2")
+    assert len(got) == 4, [d.json for d in got]
+    assert all(d.signature_ok for d in got), [d.headers for d in got]
+    keys = [d.idempotency_key for d in got]
+    assert all(keys), keys
+    assert len(set(keys)) == 4, keys
+    assert [d.json["idempotency_key"] for d in got] == keys
+    by_event: dict[str, list[dict[str, Any]]] = {}
+    for d in got:
+        by_event.setdefault(d.json["event"], []).append(d.json)
+        assert d.headers["x-hipchat-poller-event"] == d.json["event"]
+    messages = sorted(e["message"] for e in by_event["room_message"])
+    assert messages == ["hello one", "hello two"]
+    (upload,) = by_event["room_file_upload"]
+    assert upload["item"]["file"]["name"] == "report.pdf"
+    (created,) = by_event["room_created"]
+    assert created["item"]["room"]["id"] == new_room["id"]
+    assert created["item"]["room"]["name"] == new_room_name
+    stack.quiet(conn)
+
+
+def test_three_triggers_on_one_room_cost_one_history_call_per_poll(stack: E2E) -> None:
+    conn = stack.add_connection("t3")
+    alice = _user(stack, "alice3")
+    busy = stack.srv.state.create_room(f"Busy {stack.run_id}")
+    calm = stack.srv.state.create_room(f"Calm {stack.run_id}")
+    stack.cli(
+        "subscribe",
+        conn.name,
+        "--room",
+        busy["name"],
+        "--log",
+        "--event",
+        "room_message",
+        "--event",
+        "room_file_upload",
+        "--event",
+        "room_notification",
+    )
+    stack.cli("subscribe", conn.name, "--room", calm["name"], "--log", "--event", "room_message")
+    calm_since = time.time()  # polls before this one had no subscription on the calm room
+    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
+    stack.srv.state.post_message(busy["id"], alice, "a message")
+    stack.srv.state.upload_file(busy["id"], alice, "a.txt", b"a file")
+    stack.srv.state.send_notification(busy["id"], "a notification")
+    primed_polls = len(stack.poll_runs(conn))
+    wait_for(
+        lambda: len(stack.poll_runs(conn)) >= primed_polls + 3,
+        TIMEOUT,
+        "3 more polls",
+        describe=stack.describe,
+    )
+    stack.quiet(conn)
+    runs = stack.poll_runs(conn)
+    assert len(runs) >= 4
+    busy_calls = [c.time for c in stack.history_calls(conn, busy["id"])]
+    calm_calls = [c.time for c in stack.history_calls(conn, calm["id"])]
+    for run in runs:
+        assert run.started is not None
+        assert run.finished is not None
+        in_run = [t for t in busy_calls if run.started - 0.05 <= t <= run.finished + 0.05]
+        calm_in_run = [t for t in calm_calls if run.started - 0.05 <= t <= run.finished + 0.05]
+        assert len(in_run) == 1, (
+            f"poll {run.uuid} ({run.result}) fetched the busy room's history {len(in_run)} times"
+        )
+        if run.started > calm_since:
+            assert len(calm_in_run) == 1, f"poll {run.uuid}: calm room fetched {calm_in_run}"
+    # Every history call belongs to one of these polls.
+    last = runs[-1].finished or 0
+    assert len([t for t in busy_calls if t <= last + 0.05]) == len(runs)
+    # And the three triggers all fired from those single fetches.
+    events = wait_for(
+        lambda: (rows := stack.outbox(conn)) and len(rows) >= 3 and rows,
+        TIMEOUT,
+        "three events",
+    )
+    assert sorted(e.event for e in events) == [
+        "room_file_upload",
+        "room_message",
+        "room_notification",
+    ]
+
+
+def test_pausing_a_connection_stops_its_polls_and_resume_restarts_them(stack: E2E) -> None:
+    conn = stack.add_connection("t4")
+    room = stack.srv.state.create_room(f"Pausable {stack.run_id}")
+    stack.cli("subscribe", conn.name, "--event", "room_message", "--room", room["name"], "--log")
+    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
+
+    stack.cli("connection", "pause", conn.name)
+    paused_at = time.time()
+    assert stack.connection_row(conn.name).state == "paused"
+
+    def quiet_for(seconds: float) -> bool:
+        calls = stack.calls(conn)
+        last = calls[-1].time if calls else 0.0
+        return time.time() - last >= seconds
+
+    # The polls stop at once (a poll already running may finish), and stay stopped for
+    # three intervals, where an active connection is polled in each.
+    wait_for(lambda: quiet_for(3 * INTERVAL), TIMEOUT, "the paused connection to go quiet")
+    late = [c for c in stack.calls(conn) if c.time > paused_at + INTERVAL]
+    assert late == [], f"calls more than {INTERVAL}s after the pause: {late}"
+
+    resumed_at = time.time()
+    stack.cli("connection", "resume", conn.name)
+    wait_for(
+        lambda: [c for c in stack.history_calls(conn, room["id"]) if c.time > resumed_at],
+        TIMEOUT,
+        "a poll after resume",
+        describe=stack.describe,
+    )
+    stack.quiet(conn)
+
+
+def test_ping_pong_answers_each_ping_exactly_once_in_order(stack: E2E) -> None:
+    conn = stack.add_connection("t5")
+    alice = _user(stack, "alice5")
+    room = stack.srv.state.create_room(f"Factor {stack.run_id}")
+    stack.cli(
+        "subscribe",
+        conn.name,
+        "--event",
+        "room_message",
+        "--room",
+        room["name"],
+        "--filter",
+        "^ping (.*)",
+        "--reply",
+        "pong {matches[0]}",
+    )
+    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
+    words = ["one", "two", "three"]
+    for word in words:
+        stack.srv.state.post_message(room["id"], alice, f"ping {word}")
+    stack.srv.state.post_message(room["id"], alice, "not a ping")
+
+    def texts() -> list[str]:
+        return [m["message"] for m in stack.srv.state.history(room["id"])]
+
+    def pongs() -> list[str]:
+        return [t for t in texts() if t.startswith("pong ")]
+
+    wait_for(lambda: len(pongs()) >= 3, TIMEOUT, "three pongs", describe=stack.describe)
+    stack.wait_more_history_calls(conn, room["id"], 2)
+    assert pongs() == [f"pong {w}" for w in words], texts()
+    history = texts()
+    for word in words:  # each pong comes after its ping
+        assert history.index(f"pong {word}") > history.index(f"ping {word}")
+    sent = stack.calls(conn, f"/v2/room/{room['id']}/message")
+    assert len(sent) == 3
+    assert all(c.status == 201 for c in sent)
+    stack.quiet(conn)
+
+
+@dataclass(frozen=True)
+class Overload:
+    conn: Conn
+    rooms: list[dict[str, Any]]
+    calls: list[Any]
+
+
+@pytest.fixture(scope="module")
+def overloaded(stack: E2E) -> Overload:
+    """A connection that wants ~4x its budget, run for two budget windows, then paused.
+
+    Each poll wants 6 history + 6 participant calls + 1 room list = 13 calls; the budget is
+    10 per 6 s and beat asks for a poll every 2 s. Configured with ``apply`` (a recipes file),
+    the way an operator declares many triggers at once."""
+    rooms = [stack.srv.state.create_room(f"Budget {i} {stack.run_id}") for i in range(6)]
+    token = f"e2e-t6-{secrets.token_hex(12)}"
+    stack.srv.state.create_token(1, token=token)
+    stack.secrets.append(token)
+    name = f"t6-{stack.run_id}"
+    recipes = {
+        "connections": {name: {"base_url": stack.srv.base_url, "token_env": "E2E_BUDGET_TOKEN"}},
+        "subscriptions": [
+            {
+                "name": f"room{i}",
+                "connection": name,
+                "event": ["room_message", "room_notification", "room_enter"],
+                "room": room["name"],
+                "log": True,
+            }
+            for i, room in enumerate(rooms)
+        ]
+        + [{"name": "rooms", "connection": name, "event": "room_created", "log": True}],
+    }
+    path = stack.tmp / "budget-recipes.yml"
+    path.write_text(yaml.safe_dump(recipes))
+    started = time.time()
+    stack.cli("apply", str(path), env={"E2E_BUDGET_TOKEN": token})
+    conn = Conn(name, token, stack.connection_row(name).id)
+    try:
+        wait_for(
+            lambda: (
+                len(stack.calls(conn)) >= 2 * BUCKET_CAPACITY
+                and time.time() - started >= 2 * BUCKET_WINDOW
+            ),
+            90,
+            f"{2 * BUCKET_CAPACITY} calls over {2 * BUCKET_WINDOW:g}s",
+            describe=stack.describe,
+        )
+    finally:
+        stack.quiet(conn)
+    return Overload(conn, rooms, stack.calls(conn))
+
+
+def test_budget_is_never_exceeded_across_both_workers(stack: E2E, overloaded: Overload) -> None:
+    times = [c.time for c in overloaded.calls]
+    most, at = max_calls_in_window(times, BUCKET_WINDOW - ARRIVAL_JITTER)
+    assert most <= BUCKET_CAPACITY, f"{most} calls in {BUCKET_WINDOW}s from {at}: {times}"
+    assert most >= BUCKET_CAPACITY - 2, f"the budget was not the limit: {times}"
+    # Both workers polled (this connection and the others of the module).
+    assert stack.monitor is not None
+    workers = {
+        (run.hostname or "").split("@")[0].rsplit("-", 1)[0]
+        for run in stack.monitor.task_runs(POLL_TASK)
+        if run.hostname
+    }
+    assert workers == {"worker-a", "worker-b"}, workers
+    # And no connection of this module ever went over it.
+    for token in {c.token for c in stack.srv.state.calls() if c.token}:
+        t = [c.time for c in stack.srv.state.calls(token=token)]
+        most, at = max_calls_in_window(t, BUCKET_WINDOW - ARRIVAL_JITTER)
+        assert most <= BUCKET_CAPACITY, f"token {token[:7]}...: {most} calls from {at}"
+
+
+def test_a_saturated_budget_still_polls_every_trigger(stack: E2E, overloaded: Overload) -> None:
+    """In two budget windows (20 calls) a fair poll reaches all 13 streams at least once;
+    a poll that always starts over at the first room starves the rest for ever."""
+    paths = Counter(c.path for c in overloaded.calls)
+    starved = [
+        f"{row.name} ({row.event}, room {row.room})"
+        for row in stack.subscriptions(overloaded.conn)
+        if row.primed_at is None
+    ]
+    assert not starved, (
+        f"{len(starved)} subscriptions never polled in {len(overloaded.calls)} calls while "
+        f"the budget was saturated: {starved}; calls by path: {dict(paths)}"
+    )
+
+
+def test_a_failing_webhook_is_retried_until_delivered_once_in_order(stack: E2E) -> None:
+    conn = stack.add_connection("t8")
+    alice = _user(stack, "alice8")
+    room = stack.srv.state.create_room(f"Flaky {stack.run_id}")
+    url, secret_env = stack.webhook("/t8")
+    stack.receiver.fail_next("/t8", 503, 503)
+    stack.cli(
+        "subscribe",
+        conn.name,
+        "--event",
+        "room_message",
+        "--room",
+        room["name"],
+        "--webhook",
+        url,
+        env=secret_env,
+    )
+    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
+    words = ["first", "second", "third"]
+    for word in words:
+        stack.srv.state.post_message(room["id"], alice, word)
+    wait_for(
+        lambda: len(stack.receiver.deliveries("/t8")) >= 3,
+        TIMEOUT,
+        "three accepted deliveries",
+        describe=stack.describe,
+    )
+    stack.wait_more_history_calls(conn, room["id"], 2)
+    stack.quiet(conn)
+    accepted = stack.receiver.deliveries("/t8")
+    assert [d.json["message"] for d in accepted] == words
+    tried = stack.receiver.deliveries("/t8", accepted_only=False)
+    assert [d.status for d in tried] == [503, 503, 200, 200, 200]
+    # The retries were the first event again (same key), and nothing overtook it.
+    assert len({d.idempotency_key for d in tried[:3]}) == 1
+    assert all(d.signature_ok for d in tried)
+    rows = stack.outbox(conn)
+    assert next((r.state, r.attempts) for r in rows) == ("delivered", 2)
+    assert all(r.state == "delivered" for r in rows)
+
+
+def test_a_second_beat_does_not_poll_twice_per_interval(stack: E2E) -> None:
+    conn = stack.add_connection("t9")
+    alice = _user(stack, "alice9")
+    room = stack.srv.state.create_room(f"Two beats {stack.run_id}")
+    url, secret_env = stack.webhook("/t9")
+    stack.cli(
+        "subscribe",
+        conn.name,
+        "--event",
+        "room_message",
+        "--room",
+        room["name"],
+        "--webhook",
+        url,
+        env=secret_env,
+    )
+    beat2 = stack.start_service("beat-2", ["beat", "--loglevel", "INFO"])
+    assert stack.monitor is not None
+    monitor = stack.monitor
+
+    def by_interval() -> dict[str, list[TaskRun]]:
+        runs: dict[str, list[TaskRun]] = {}
+        for run in monitor.task_runs(POLL_TASK):
+            if (run.args or "").startswith(f"[{conn.id},"):
+                runs.setdefault(run.args or "", []).append(run)
+        return runs
+
+    def doubly_sent() -> list[str]:
+        return [
+            k
+            for k, runs in by_interval().items()
+            if len({h for r in runs for h in r.sent_by}) >= 2 and all(r.finished for r in runs)
+        ]
+
+    try:
+        wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
+        for i in range(3):
+            stack.srv.state.post_message(room["id"], alice, f"two beats {i}")
+        wait_for(
+            lambda: len(stack.receiver.deliveries("/t9")) >= 3,
+            TIMEOUT,
+            "three deliveries",
+            describe=stack.describe,
+        )
+        wait_for(
+            lambda: len(doubly_sent()) >= 3,
+            TIMEOUT,
+            "three intervals for which both beats sent a poll",
+            describe=lambda: f"{by_interval()}\n{tail(beat2.log_text())}",
+        )
+    finally:
+        stack.quiet(conn)
+        beat2.stop()
+    for interval, runs in by_interval().items():
+        polled = [r for r in runs if " events" in (r.result or "")]
+        assert len(polled) <= 1, f"interval {interval} polled {len(polled)} times: {runs}"
+    got = stack.receiver.deliveries("/t9")
+    assert sorted(d.json["message"] for d in got) == [f"two beats {i}" for i in range(3)]
+    assert len({d.idempotency_key for d in got}) == 3
+
+
+def test_secrets_never_reach_logs_broker_messages_or_events(stack: E2E) -> None:
+    conn = stack.add_connection("t7")
+    alice = _user(stack, "alice7")
+    room = stack.srv.state.create_room(f"Secrets {stack.run_id}")
+    url, secret_env = stack.webhook("/t7")
+    stack.cli(
+        "subscribe",
+        conn.name,
+        "--event",
+        "room_message",
+        "--room",
+        room["name"],
+        "--webhook",
+        url,
+        env=secret_env,
+    )
+    stack.cli(
+        "subscribe",
+        conn.name,
+        "--event",
+        "room_message",
+        "--room",
+        room["name"],
+        "--filter",
+        "^ping (.*)",
+        "--notify",
+        "pong {matches[0]}",
+        "--color",
+        "green",
+    )
+    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
+    stack.srv.state.post_message(room["id"], alice, "ping secret")
+    wait_for(lambda: stack.receiver.deliveries("/t7"), TIMEOUT, "the webhook delivery")
+    wait_for(
+        lambda: any(
+            m.get("message") == "pong secret" and m.get("color") == "green"
+            for m in stack.srv.state.history(room["id"])
+        ),
+        TIMEOUT,
+        "the green pong",
+    )
+    stack.quiet(conn)
+    assert stack.monitor is not None
+    messages = stack.monitor.decoded_messages()
+    task_names = {env.get("headers", {}).get("task") for cmd, env, _ in messages if cmd == "LPUSH"}
+    assert {POLL_TASK, "hipchat.deliver", "hipchat.relay_outbox"} <= task_names, task_names
+    haystacks: dict[str, bytes] = {
+        f"{name} log": text.encode() for name, text in stack.service_logs().items()
+    }
+    haystacks["CLI output"] = "\n".join(stack.cli_output).encode()
+    haystacks["Redis commands (MONITOR)"] = stack.monitor.raw_log()
+    haystacks["broker messages and events (decoded)"] = b"\n".join(
+        json.dumps(env).encode() + b"\n" + body for _, env, body in messages
+    )
+    haystacks["database (at rest)"] = stack.database_text()
+    assert b"hipchat.poll_connection" in haystacks["worker-b log"]  # DEBUG shows task args
+    for secret in stack.secrets:
+        for where, text in haystacks.items():
+            assert secret.encode() not in text, f"a secret ({secret[:6]}...) is in the {where}"
+
+
+def test_workers_and_beat_stayed_up_without_tracebacks(stack: E2E) -> None:
+    stack.check_services_alive()
+    for name, text in stack.service_logs().items():
+        assert "Traceback" not in text, f"{name}:\n{text[text.index('Traceback') - 2000 :][:6000]}"
