@@ -83,15 +83,20 @@ class E2E:
     def __init__(self, tmp: Path, postgres_url: str) -> None:
         self.tmp = tmp
         self.run_id = uuid.uuid4().hex[:8]
-        self.srv = EmulatorServer(
-            port=0,
-            admin_token=f"e2e-admin-{secrets.token_hex(8)}",
-            rate_limit=1_000_000,
-            flood_limit=10_000,
-        ).start()
-        self.receiver = WebhookReceiver().start()
-        self.claimed = claim_redis_db(REDIS_HOST, REDIS_PORT, E2E_DBS)
         self.key_prefix = f"hp-e2e-{self.run_id}"
+        self.claimed = claim_redis_db(REDIS_HOST, REDIS_PORT, E2E_DBS)
+        try:
+            # The rate limit is ours to enforce (the bucket), not the emulator's.
+            self.srv = EmulatorServer(
+                port=0,
+                admin_token=f"e2e-admin-{secrets.token_hex(8)}",
+                rate_limit=1_000_000,
+                flood_limit=10_000,
+            ).start()
+        except BaseException:
+            self.claimed.release(self.key_prefix)
+            raise
+        self.receiver = WebhookReceiver().start()
         self.fernet_key = Fernet.generate_key().decode()
         self.secrets: list[str] = [self.fernet_key, self.srv.admin_token]
         self.cli_output: list[str] = []
@@ -134,13 +139,17 @@ class E2E:
         for service in self.services:
             service.start()
         for service in self.services[:2]:
-            wait_for(
-                lambda s=service: " ready." in s.log_text() or not s.alive(),
-                60,
-                f"{service.name} to be ready",
-                describe=lambda s=service: tail(s.log_text()),
-            )
-            assert service.alive(), f"{service.name} exited:\n{tail(service.log_text())}"
+            self._wait_ready(service)
+
+    @staticmethod
+    def _wait_ready(service: Service) -> None:
+        wait_for(
+            lambda: " ready." in service.log_text() or not service.alive(),
+            60,
+            f"{service.name} to be ready",
+            describe=lambda: tail(service.log_text()),
+        )
+        assert service.alive(), f"{service.name} exited:\n{tail(service.log_text())}"
 
     def start_service(self, name: str, args: list[str]) -> Service:
         """One more process (a second beat); stopped by the test, or at teardown."""
@@ -542,12 +551,13 @@ def test_three_triggers_on_one_room_cost_one_history_call_per_poll(stack: E2E) -
     # Every history call belongs to one of these polls.
     last = runs[-1].finished or 0
     assert len([t for t in busy_calls if t <= last + 0.05]) == len(runs)
+
     # And the three triggers all fired from those single fetches.
-    events = wait_for(
-        lambda: (rows := stack.outbox(conn)) and len(rows) >= 3 and rows,
-        TIMEOUT,
-        "three events",
-    )
+    def three_events() -> list[Any]:
+        rows = stack.outbox(conn)
+        return rows if len(rows) >= 3 else []
+
+    events = wait_for(three_events, TIMEOUT, "three events")
     assert sorted(e.event for e in events) == [
         "room_file_upload",
         "room_message",
