@@ -163,7 +163,7 @@ class Subscription(Base):
     room_id: Mapped[int | None] = mapped_column(BigInteger)  # resolved by the poller
     filter: Mapped[str | None] = mapped_column(Text)  # regex, validated by the caller
     target_kind: Mapped[str] = mapped_column(String(16))
-    target: Mapped[dict[str, Any]]
+    target: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
     backfill: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(16), default="active")
     state_reason: Mapped[str | None] = mapped_column(Text)
@@ -246,7 +246,7 @@ class OutboxEvent(Base):
     )
     idempotency_key: Mapped[str] = mapped_column(String(255))
     event: Mapped[str] = mapped_column(String(32))
-    payload: Mapped[dict[str, Any]]
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
     state: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
