@@ -19,12 +19,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import Node, SequenceNode
 
 from storage.connections import _validate_base_url, validate_name
 from tasks.errors import ValidationError
 from tasks.subscribe import SubscriptionSpec, spec_errors, target_errors
+from worker.yaml_reader import YamlReader, describe, is_null, line_of, plain_value
 
 RECIPE_PREFIX = "recipe:"  # ':' is refused in names people type, so these never collide
 NAME_MAX_CHARS = 64  # the subscriptions.name column
@@ -97,7 +97,7 @@ class Recipes:
 
 def load_recipes(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Recipes:
     """Parse and check the whole file; ``environ`` defaults to ``os.environ`` (read now)."""
-    reader = _Reader(str(path))
+    reader = YamlReader(str(path), SECRET_KEYS)
     root = reader.compose()
     recipes = _Document(reader, os.environ if environ is None else environ).read(root)
     if reader.errors:
@@ -108,120 +108,10 @@ def load_recipes(path: str | os.PathLike[str], environ: Mapping[str, str] | None
     return recipes
 
 
-def line_of(node: Node) -> int:
-    return int(node.start_mark.line) + 1 if node.start_mark is not None else 0
-
-
-class _Reader:
-    """One YAML file read as nodes, so that every value keeps its line; errors accumulate."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.errors: list[tuple[str, int, str]] = []  # (path, line or 0, message)
-
-    def error(self, at: Node | int, message: str) -> None:
-        self.errors.append((self.path, at if isinstance(at, int) else line_of(at), message))
-
-    def sorted_errors(self) -> list[str]:
-        """``FILE:LINE: reason`` in file order; another file's (credentials) come first."""
-        ordered = sorted(self.errors, key=lambda e: (e[0] == self.path, e[1]))
-        return [
-            f"{path}:{line}: {text}" if line else f"{path}: {text}" for path, line, text in ordered
-        ]
-
-    def compose(self) -> Node | None:
-        try:
-            text = Path(self.path).expanduser().read_text(encoding="utf-8")
-        except (OSError, UnicodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            self.error(0, f"cannot read the file: {reason}")
-            return None
-        try:
-            return yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark is not None else 0
-            problem = exc.problem or exc.context or "invalid YAML"
-            self.error(line, f"invalid YAML: {problem}")
-        except yaml.YAMLError as exc:
-            self.error(0, f"invalid YAML: {type(exc).__name__}")
-        return None
-
-    def mapping(
-        self, node: Node, what: str, allowed: tuple[str, ...] | None = None
-    ) -> dict[str, tuple[Node, Node]] | None:
-        """Key -> (key node, value node). Duplicate, non-text and unknown keys are errors."""
-        if not isinstance(node, MappingNode):
-            self.error(node, f"{what} must be a mapping, not {describe(node)}")
-            return None
-        found: dict[str, tuple[Node, Node]] = {}
-        for key_node, value_node in node.value:
-            key = self.scalar(key_node, f"a key in {what}", (str, int))
-            if key is None:
-                continue
-            key = str(key)
-            if key in found:
-                first = line_of(found[key][0])
-                self.error(key_node, f"{what}: duplicate key {key!r} (first at line {first})")
-                continue  # the first one counts
-            if allowed is not None and key not in allowed:
-                hint = SECRET_KEYS.get(key) or f"expected one of {', '.join(allowed)}"
-                self.error(key_node, f"{what}: unknown key {key!r}; {hint}")
-                continue
-            found[key] = (key_node, value_node)
-        return found
-
-    def scalar(self, node: Node, what: str, kinds: tuple[type, ...]) -> Any:
-        """The plain value of ``node`` if it is one of ``kinds``; else None and an error."""
-        value = _plain_value(node)
-        # bool is an int in Python; YAML true is no number here.
-        wrong = isinstance(value, bool) and bool not in kinds
-        if value is None or wrong or not isinstance(value, kinds):
-            expected = " or ".join(_KIND_NAMES[k] for k in kinds)
-            self.error(node, f"{what} must be {expected}, not {describe(node)}")
-            return None
-        return value
-
-    def text(self, node: Node, what: str) -> str | None:
-        value = self.scalar(node, what, (str,))
-        return value if isinstance(value, str) else None
-
-
-_KIND_NAMES = {str: "text", int: "a whole number", bool: "true or false", float: "a number"}
-
-
-def _plain_value(node: Node) -> Any:
-    if not isinstance(node, ScalarNode) or not node.tag.startswith(_TAG):
-        return None
-    kind = node.tag.removeprefix(_TAG)
-    if kind not in ("str", "int", "bool"):
-        return None
-    try:
-        return yaml.constructor.SafeConstructor().construct_object(node)
-    except yaml.YAMLError:
-        return None
-
-
-def describe(node: Node) -> str:
-    """What a node is, in words; never its value (it may be a misplaced secret)."""
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
-    kind = node.tag.removeprefix(_TAG)
-    return {
-        "null": "empty",
-        "bool": "true/false",
-        "int": "a whole number",
-        "float": "a number",
-        "str": "text",
-    }.get(kind, f"a {kind}")
-
-
 class _Document:
     """The recipes file's structure, read top-down; each part records its own errors."""
 
-    def __init__(self, reader: _Reader, environ: Mapping[str, str]) -> None:
+    def __init__(self, reader: YamlReader, environ: Mapping[str, str]) -> None:
         self.r = reader
         self.environ = environ
         self.credentials: _Credentials | None = None
@@ -245,7 +135,7 @@ class _Document:
 
     # -- connections ----------------------------------------------------------------------
     def _connections(self, entry: tuple[Node, Node] | None) -> dict[str, ConnectionRecipe | None]:
-        if entry is None or _is_null(entry[1]):
+        if entry is None or is_null(entry[1]):
             return {}
         items = self.r.mapping(entry[1], "connections")
         found: dict[str, ConnectionRecipe | None] = {}
@@ -324,7 +214,7 @@ class _Document:
     def _subscriptions(
         self, entry: tuple[Node, Node] | None, connections: Mapping[str, object]
     ) -> list[SubscriptionRecipe]:
-        if entry is None or _is_null(entry[1]):
+        if entry is None or is_null(entry[1]):
             return []
         node = entry[1]
         if not isinstance(node, SequenceNode):
@@ -460,7 +350,7 @@ class _SubscriptionReader:
         what = f"{self.what}: {kind}"
         if kind == "log":
             if self.r.scalar(node, what, (bool,)) is not True:
-                if _plain_value(node) is False:
+                if plain_value(node) is False:
                     self.r.error(node, f"{what}: the only value is true")
                 return None
             return kind, {}
@@ -549,14 +439,14 @@ class _Credentials:
         self.tokens = tokens  # None: unreadable, already reported
 
     @classmethod
-    def load(cls, reader: _Reader, node: Node) -> _Credentials:
+    def load(cls, reader: YamlReader, node: Node) -> _Credentials:
         name = reader.text(node, "credentials")
         if name is None:
             return cls("", None)
         path = Path(name).expanduser()
         if not path.is_absolute():
             path = Path(reader.path).parent / path
-        own = _Reader(str(path))
+        own = YamlReader(str(path), SECRET_KEYS)
         root = own.compose()
         if root is None and not own.errors:
             own.error(1, "the credentials file is empty")
@@ -569,7 +459,7 @@ class _Credentials:
         return cls(str(path), tokens)
 
     @staticmethod
-    def _tokens(reader: _Reader, root: Node) -> dict[str, str]:
+    def _tokens(reader: YamlReader, root: Node) -> dict[str, str]:
         top = reader.mapping(root, "the credentials file")
         if top is None:
             return {}
@@ -594,7 +484,7 @@ class _Credentials:
                 tokens[key] = token.strip()
         return tokens
 
-    def get(self, reader: _Reader, node: Node, key: str, what: str) -> str | None:
+    def get(self, reader: YamlReader, node: Node, key: str, what: str) -> str | None:
         if self.tokens is None:
             return None  # unreadable: reported once, where the file is named
         if key not in self.tokens:
@@ -607,10 +497,6 @@ class _Credentials:
             reader.error(node, f"{what}: the api_key of {key!r} in {self.path} is empty")
             return None
         return self.tokens[key]
-
-
-def _is_null(node: Node) -> bool:
-    return isinstance(node, ScalarNode) and node.tag == _TAG + "null"
 
 
 def _valid_name(name: str, what: str) -> bool:
