@@ -3,39 +3,17 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from emulator.server import EmulatorServer
 
 
 @contextmanager
-def running_emulator(
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    admin_token: str = "admin-token",  # noqa: S107 - a fixture value, not a secret
-    seed: bool = True,
-    rate_limit: int = 100,
-    rate_window_seconds: float = 300.0,
-    flood_limit: int = 30,
-    flood_window_seconds: float = 60.0,
-    case_insensitive_rooms: bool = False,
-    clock: Callable[[], float] | None = None,
-) -> Iterator[EmulatorServer]:
+def running_emulator(*args: Any, **kwargs: Any) -> Iterator[EmulatorServer]:
     """A started :class:`EmulatorServer`, stopped on exit; same arguments as the server."""
-    server = EmulatorServer(
-        host,
-        port,
-        admin_token=admin_token,
-        seed=seed,
-        rate_limit=rate_limit,
-        rate_window_seconds=rate_window_seconds,
-        flood_limit=flood_limit,
-        flood_window_seconds=flood_window_seconds,
-        case_insensitive_rooms=case_insensitive_rooms,
-        clock=clock,
-    )
+    server = EmulatorServer(*args, **kwargs)
     server.start()
     try:
         yield server
