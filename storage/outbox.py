@@ -99,7 +99,7 @@ def mark_dispatched(s: Session, ids: Iterable[int], at: datetime) -> int:
         result = s.execute(
             update(OutboxEvent)
             .where(OutboxEvent.id.in_(part), OutboxEvent.state.in_(_OPEN))
-            .values(state="dispatched", dispatched_at=at, next_attempt_at=None)
+            .values(state="dispatched", dispatched_at=at)  # a scheduled retry time stays
             .execution_options(synchronize_session=False)
         )
         count += int(getattr(result, "rowcount", 0))
