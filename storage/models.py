@@ -161,6 +161,7 @@ class Subscription(Base):
     event: Mapped[str] = mapped_column(String(32))
     room: Mapped[str | None] = mapped_column(Text)  # as the user wrote it: name or id
     room_id: Mapped[int | None] = mapped_column(BigInteger)  # resolved by the poller
+    room_name: Mapped[str | None] = mapped_column(Text)  # HipChat's name of room_id
     filter: Mapped[str | None] = mapped_column(Text)  # regex, validated by the caller
     target_kind: Mapped[str] = mapped_column(String(16))
     target: Mapped[dict[str, Any]] = mapped_column(JSONDocument)

@@ -151,9 +151,13 @@ def mark_primed(s: Session, ids: Iterable[int], at: datetime) -> int:
     return int(getattr(result, "rowcount", 0))
 
 
-def set_room_id(s: Session, sub_id: int, room_id: int | None) -> Subscription:
+def set_room_id(
+    s: Session, sub_id: int, room_id: int | None, room_name: str | None = None
+) -> Subscription:
+    """Record the room HipChat resolved the subscription's room to, with HipChat's name."""
     subscription = _require(s, sub_id)
     subscription.room_id = room_id
+    subscription.room_name = room_name
     s.flush()
     return subscription
 

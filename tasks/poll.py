@@ -319,7 +319,9 @@ class Poll:
         )
 
     def _room_stub(self, sub: SubView) -> dict[str, Any]:
-        return events.room_stub(self.conn.base_url, sub.room_id or 0, sub.room or "")
+        return events.room_stub(
+            self.conn.base_url, sub.room_id or 0, sub.room_name or sub.room or ""
+        )
 
     def _room_gone(self, room_id: int, room_subs: list[SubView]) -> None:
         reason = f"room {room_subs[0].room or room_id} not found"
@@ -352,29 +354,32 @@ def load(rt: Runtime, connection_id: int) -> tuple[ConnView, str, list[SubView]]
 
 
 def resolve_rooms(rt: Runtime, poll: Poll, views: list[SubView]) -> list[SubView]:
-    """Give every room subscription its numeric room id (one lookup per unresolved name)."""
-    resolved: dict[str, int] = {}
+    """Give every room subscription its numeric room id and HipChat's name for it (one lookup
+    per unresolved room, once: both are stored)."""
+    resolved: dict[str, tuple[int, str]] = {}
     out = []
     for view in views:
-        if view.event in ROOM_LIST_EVENTS or view.room_id is not None:
+        if view.event in ROOM_LIST_EVENTS or (view.room_id is not None and view.room_name):
             out.append(view)
             continue
-        room = view.room or ""
+        room = str(view.room_id) if view.room_id is not None else view.room or ""
         if room not in resolved:
             try:
-                resolved[room] = poll.client.get_room(int(room) if room.isdigit() else room).id
+                found = poll.client.get_room(int(room) if room.isdigit() else room)
             except NotFound:
                 poll._room_gone(0, [view])
                 continue
+            resolved[room] = (found.id, found.name)
+        room_id, room_name = resolved[room]
         with rt.db.session() as s:
-            subs.set_room_id(s, view.id, resolved[room])
-        out.append(_with_room_id(view, resolved[room]))
+            subs.set_room_id(s, view.id, room_id, room_name)
+        out.append(_with_room(view, room_id, room_name))
     return out
 
 
-def _with_room_id(view: SubView, room_id: int) -> SubView:
+def _with_room(view: SubView, room_id: int, room_name: str) -> SubView:
     data = {f: getattr(view, f) for f in SubView.__slots__}
-    data["room_id"] = room_id
+    data.update(room_id=room_id, room_name=room_name)
     return SubView(**data)
 
 

@@ -27,6 +27,7 @@ class SubView:
     event: str
     room: str | None
     room_id: int | None
+    room_name: str | None
     filter: str | None
     target_kind: str
     target: dict[str, Any]
@@ -42,6 +43,7 @@ class SubView:
             event=row.event,
             room=row.room,
             room_id=row.room_id,
+            room_name=row.room_name,
             filter=row.filter,
             target_kind=row.target_kind,
             target=dict(row.target or {}),
@@ -119,7 +121,7 @@ def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[Sub
     with rt.db.session() as s:
         for spec in specs:
             conn_id = ids[spec.connection]
-            room_id, _canonical = resolved.get((conn_id, spec.room or ""), (None, spec.room))
+            room_id, canonical = resolved.get((conn_id, spec.room or ""), (None, spec.room))
             row = subs.add_subscription(
                 s,
                 conn_id,
@@ -132,7 +134,7 @@ def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[Sub
                 name=spec.name,
             )
             if room_id is not None:
-                subs.set_room_id(s, row.id, room_id)
+                subs.set_room_id(s, row.id, room_id, canonical)
             s.flush()
             views.append(SubView.of(row))
     return views

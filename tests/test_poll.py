@@ -205,6 +205,32 @@ def test_regex_filter_groups_become_matches(pipeline: Pipeline) -> None:
     assert [x["matches"] for x in payloads] == [["hello", ""], ["deploy", "42"]]
 
 
+def test_a_room_given_by_id_is_named_as_hipchat_names_it(pipeline: Pipeline) -> None:
+    p = pipeline
+    by_id = p.subscribe("room_message", room=str(p.room_id))
+    assert (by_id.room_id, by_id.room_name) == (p.room_id, ROOM)
+    p.poll()
+    p.say("hello")
+    p.poll()
+    [payload] = p.payloads(by_id.id)
+    assert payload["item"]["room"]["id"] == p.room_id
+    assert payload["item"]["room"]["name"] == ROOM
+
+
+def test_a_room_resolved_without_its_name_gets_it_at_the_next_poll(pipeline: Pipeline) -> None:
+    p = pipeline
+    sub = p.subscribe("room_message", room=str(p.room_id))
+    with p.rt.db.session() as s:  # as a recipe stores it: the id, not yet HipChat's name
+        subs.set_room_id(s, sub.id, p.room_id)
+    p.poll()
+    p.say("hello")
+    p.poll()
+    [payload] = p.payloads(sub.id)
+    assert payload["item"]["room"]["name"] == ROOM
+    with p.rt.db.session() as s:
+        assert subs.get_subscription(s, sub.id).room_name == ROOM  # type: ignore[union-attr]
+
+
 # -- what a poll costs -----------------------------------------------------------------------
 
 

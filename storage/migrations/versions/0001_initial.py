@@ -81,6 +81,7 @@ def upgrade() -> None:
         sa.Column("event", sa.String(length=32), nullable=False),
         sa.Column("room", sa.Text(), nullable=True),
         sa.Column("room_id", sa.BigInteger(), nullable=True),
+        sa.Column("room_name", sa.Text(), nullable=True),
         sa.Column("filter", sa.Text(), nullable=True),
         sa.Column("target_kind", sa.String(length=16), nullable=False),
         _json("target"),
