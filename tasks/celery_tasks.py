@@ -34,9 +34,8 @@ DELIVER_TASK = "hipchat.deliver"
 def enqueue_deliveries(task: Task, rt: Runtime, dispatch: dict[int, list[int]]) -> None:
     """After commit: one drain per subscription that got events.
 
-    The events are marked dispatched *before* the drain is sent: marking clears
-    ``next_attempt_at``, so marking after a fast drain had already failed an event would
-    erase its backoff (or a flood-control wait). A send that fails after the mark loses
+    The events are marked dispatched *before* the drain is sent, so the mark can never land
+    after a fast drain already recorded a failure. A send that fails after the mark loses
     nothing: the relay re-sends dispatched events that stay open too long.
     """
     for subscription_id, event_ids in dispatch.items():
@@ -126,10 +125,12 @@ def _retrying(
     task: Task, call: Callable[[Actions], dict[str, Any]], connection: int | str
 ) -> dict[str, Any]:
     """Run an action; what may work later is retried after the wait HipChat stated."""
+    rt = Runtime.of(task.app)
     try:
-        return call(Actions(Runtime.of(task.app), connection))
+        return call(Actions(rt, connection))
     except RetryLater as exc:
-        raise task.retry(countdown=exc.retry_after, exc=exc, max_retries=10) from exc
+        limit = rt.settings.action_max_attempts - 1  # retries after the first attempt
+        raise task.retry(countdown=exc.retry_after, exc=exc, max_retries=limit) from exc
 
 
 @shared_task(bind=True, ignore_result=False, name="hipchat.action.list_room_users")

@@ -205,3 +205,27 @@ def test_an_empty_bucket_retries_after_the_buckets_exact_wait(
     assert isinstance(empty, BucketEmpty)
     assert 0 < retry.when == empty.retry_after <= 60
     assert len(emulator.state.call_log.select()) == 2
+
+
+def test_an_action_gives_up_after_action_max_attempts(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    app = make_app(tmp_path, emulator, action_max_attempts=3, bucket_capacity=1)
+    task = app.tasks["hipchat.action.get_user"]
+    run_as_worker(task, "ops", "@bobb")  # the bucket's only token
+
+    def attempt(retries: int) -> Any:
+        task.push_request(
+            id="test-task-id", args=["ops", "@bobb"], kwargs={}, retries=retries,
+            is_eager=False, called_directly=False, delivery_info={},
+        )  # fmt: skip
+        try:
+            return task.run("ops", "@bobb")
+        finally:
+            task.pop_request()
+
+    for retries in (0, 1):  # attempts 1 and 2 of 3 are retried ...
+        with pytest.raises(Retry):
+            attempt(retries)
+    with pytest.raises(BucketEmpty):  # ... the third one is the last
+        attempt(2)
