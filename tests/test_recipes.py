@@ -137,6 +137,7 @@ def stored(rt: Runtime) -> dict[str, dict[str, Any]]:
                 "event": row.event,
                 "room": row.room,
                 "room_id": row.room_id,
+                "room_name": row.room_name,
                 "filter": row.filter,
                 "target_kind": row.target_kind,
                 "target": dict(row.target),
@@ -193,6 +194,7 @@ def test_good_file_applied_twice_second_run_has_no_changes(
     }
     ping = rows["recipe:ping-pong"]
     assert (ping["event"], ping["room"], ping["room_id"]) == ("room_message", "Factor", factor_room)
+    assert ping["room_name"] == "Factor"  # HipChat's name, so a poll need not ask again
     assert ping["filter"] == "ping (.*)"
     assert ping["target"] == {"action": "post_message", "message": "pong {matches[0]}"}
     hook = rows["recipe:files-to-ci"]

@@ -54,7 +54,8 @@ RECREATE_FIELDS = ("connection", "event", "room")
 # A secret that the current key cannot decrypt: equal to no secret the file can give.
 _UNREADABLE = "\x00unreadable"
 
-RoomCache = dict[tuple[str, str], int | None]  # (connection, room) -> id; None: not resolved yet
+# (connection, room) -> (id, HipChat's name); None: not resolved yet (the first poll will)
+RoomCache = dict[tuple[str, str], tuple[int, str] | None]
 
 
 # -- what is stored ---------------------------------------------------------------------------
@@ -299,8 +300,8 @@ def _execute(rt: Runtime, s: Session, recipes: Recipes, the_plan: Plan, rooms: R
     ids = {c.name: c.id for c in conns.list_connections(s)}
     _raise_unknown(resolve_rooms(rt, recipes, creations, ids, rooms))
     for recipe in creations:
-        room_id = rooms.get((recipe.spec.connection, recipe.spec.room or ""))
-        _add_subscription(rt, s, recipe, ids[recipe.spec.connection], room_id)
+        room = rooms.get((recipe.spec.connection, recipe.spec.room or ""))
+        _add_subscription(rt, s, recipe, ids[recipe.spec.connection], room)
     for change in the_plan.connections:
         if change.recipe is None and change.stored is not None:
             conns.remove_connection(s, change.stored.id)
@@ -349,7 +350,7 @@ def _add_subscription(
     s: Session,
     recipe: SubscriptionRecipe,
     conn_id: int,
-    room_id: int | None,
+    room: tuple[int, str] | None,
 ) -> None:
     spec = recipe.spec
     row = subs.add_subscription(
@@ -366,8 +367,8 @@ def _add_subscription(
     # prefix relies on exactly that to never collide with them, so the name is set here.
     row.name = recipe.stored_name  # (kept: add_subscription now accepts it too)
     s.flush()
-    if room_id is not None:
-        subs.set_room_id(s, row.id, room_id)
+    if room is not None:
+        subs.set_room_id(s, row.id, *room)
 
 
 # -- rooms ------------------------------------------------------------------------------------
@@ -406,12 +407,12 @@ def resolve_rooms(
 
 def lookup_rooms(
     rt: Runtime, connection_id: int, base_url: str, token: str, rooms: Sequence[str]
-) -> tuple[dict[str, int | None], list[str]]:
+) -> tuple[dict[str, tuple[int, str] | None], list[str]]:
     """Like :func:`tasks.subscriptions_api.resolve_room` for several rooms, with the base URL
     and token from the file (the stored ones may be about to change). Returns each room's id
     (None if HipChat cannot answer now: the first poll resolves it) and the rooms HipChat does
     not know."""
-    found: dict[str, int | None] = {}
+    found: dict[str, tuple[int, str] | None] = {}
     unknown: list[str] = []
     with rt.client(connection_id, base_url, token) as client:
         for room in rooms:
@@ -428,7 +429,7 @@ def lookup_rooms(
                 found.update({r: None for r in rooms if r not in found and r not in unknown})
                 break
             else:
-                found[room] = got.id
+                found[room] = (got.id, got.name)
     return found, unknown
 
 
