@@ -29,6 +29,13 @@ def get_watermark(s: Session, conn_id: int, room_id: int, stream: str) -> Waterm
     return s.scalars(query.execution_options(populate_existing=True)).one_or_none()
 
 
+def connection_watermarks(s: Session, conn_id: int) -> dict[tuple[int, str], Watermark]:
+    """Every watermark and priming marker of a connection, by (room_id, stream): one query."""
+    query = select(Watermark).where(Watermark.connection_id == conn_id)
+    rows = s.scalars(query.execution_options(populate_existing=True))
+    return {(row.room_id, row.stream): row for row in rows}
+
+
 def advance_watermark(
     s: Session,
     conn_id: int,
@@ -51,19 +58,23 @@ def advance_watermark(
         last_date=last_date,
         updated_at=utcnow(),
     )
-    s.execute(
-        insert.on_conflict_do_update(
-            index_elements=["connection_id", "room_id", "stream"],
-            set_={
-                "last_id": insert.excluded.last_id,
-                "last_date": insert.excluded.last_date,
-                "updated_at": insert.excluded.updated_at,
-            },
-            where=Watermark.last_date <= insert.excluded.last_date,
-        )
-    )
+    upsert = insert.on_conflict_do_update(
+        index_elements=["connection_id", "room_id", "stream"],
+        set_={
+            "last_id": insert.excluded.last_id,
+            "last_date": insert.excluded.last_date,
+            "updated_at": insert.excluded.updated_at,
+        },
+        where=Watermark.last_date <= insert.excluded.last_date,
+    ).returning(Watermark)
+    # RETURNING gives the row when it was written; nothing when the stored one is newer.
+    written: Watermark | None = s.scalars(
+        upsert, execution_options={"populate_existing": True}
+    ).one_or_none()
+    if written is not None:
+        return written
     watermark = get_watermark(s, conn_id, room_id, stream)
-    assert watermark is not None  # just upserted in this transaction
+    assert watermark is not None  # the newer row that won
     return watermark
 
 

@@ -420,10 +420,11 @@ def plan(
         streams.append(Stream(STREAM_ROOMS, ROOM_LIST_ROOM_ID, listing))
     never = datetime.min.replace(tzinfo=UTC)
     with rt.db.session() as s:
-        polled = {}
-        for stream in streams:
-            mark = watermarks.get_watermark(s, conn_id, stream.room_id, stream.kind)
-            polled[(stream.kind, stream.room_id)] = mark.updated_at if mark else never
+        marks = watermarks.connection_watermarks(s, conn_id)
+    polled = {}
+    for stream in streams:
+        mark = marks.get((stream.room_id, stream.kind))
+        polled[(stream.kind, stream.room_id)] = mark.updated_at if mark else never
     if done_since is not None:
         streams = [x for x in streams if polled[(x.kind, x.room_id)] < done_since]
     return sorted(streams, key=lambda x: polled[(x.kind, x.room_id)])  # stable on ties
