@@ -1,5 +1,6 @@
 """``python -m emulator`` / ``python -m emulator.cli``: serve the emulator until SIGINT or
-SIGTERM, after printing its base URL, the admin token and the seeded users and rooms."""
+SIGTERM, after printing its base URL and the seeded users and rooms (a token passed with
+``--token`` is never printed)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from types import FrameType
 
 from emulator.server import EmulatorServer
 
+DEFAULT_TOKEN = "admin-token"  # noqa: S105 (the emulator's well-known default)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hipchat-emulator", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    parser.add_argument("--token", default="admin-token", help="the admin user's token")
+    parser.add_argument(
+        "--token", help=f"the admin user's token (default {DEFAULT_TOKEN!r}); never printed"
+    )
     parser.add_argument("--rate-limit", type=int, default=100, help="calls per token per window")
     parser.add_argument("--rate-window-seconds", type=float, default=300.0)
     parser.add_argument("--flood-limit", type=int, default=30, help="sends per token per room")
@@ -31,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     server = EmulatorServer(
         args.host,
         args.port,
-        admin_token=args.token,
+        admin_token=args.token or DEFAULT_TOKEN,
         seed=not args.no_seed,
         rate_limit=args.rate_limit,
         rate_window_seconds=args.rate_window_seconds,
@@ -48,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start()
         print(f"HipChat API v2 emulator at {server.base_url}/v2/", flush=True)
-        print(f"admin token: {server.admin_token}", flush=True)
+        # A token a person chose is a secret like any other: it is never printed.
+        given = "the one given with --token" if args.token else f"{DEFAULT_TOKEN} (the default)"
+        print(f"admin token: {given}", flush=True)
         for user in server.state.users_list():
             print(f"user {user['id']}: {user['name']} @{user['mention_name']}", flush=True)
         for room in server.state.rooms_list():

@@ -252,7 +252,8 @@ def test_cli_serves_until_sigterm() -> None:
         assert first.startswith("HipChat API v2 emulator at http://127.0.0.1:")
         base = first.rsplit(" ", 1)[-1].removesuffix("/v2/")
         lines = [proc.stdout.readline().strip() for _ in range(6)]
-        assert lines[0] == "admin token: cli-token"
+        assert lines[0] == "admin token: the one given with --token"
+        assert all("cli-token" not in line for line in [first, *lines])
         assert any(line.endswith("General (public)") for line in lines)
         response = requests.get(
             f"{base}/v2/room", headers={"Authorization": "Bearer cli-token"}, timeout=5
