@@ -7,7 +7,7 @@ Each ``replace_*`` writes only what changed and sets the stream's priming marker
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -66,11 +66,20 @@ def rooms_primed(s: Session, conn_id: int) -> bool:
 
 
 def replace_known_rooms(
-    s: Session, conn_id: int, rooms: Sequence[RoomSnapshot], *, at: datetime | None = None
+    s: Session,
+    conn_id: int,
+    rooms: Sequence[RoomSnapshot],
+    *,
+    at: datetime | None = None,
+    known: Mapping[int, KnownRoom] | None = None,
 ) -> None:
-    """Make the stored room set equal to ``rooms`` and mark the room list primed."""
+    """Make the stored room set equal to ``rooms`` and mark the room list primed.
+
+    ``known`` is what :func:`known_rooms` returned earlier in the same transaction, if the
+    caller has it: it saves reading the set again."""
     now = at or utcnow()
-    existing = {rid: _room_snapshot(row) for rid, row in known_rooms(s, conn_id).items()}
+    stored = known if known is not None else known_rooms(s, conn_id)
+    existing = {rid: _room_snapshot(row) for rid, row in stored.items()}
     wanted = {room.room_id: room for room in rooms}
     for part in chunks([rid for rid in existing if rid not in wanted]):
         s.execute(
@@ -104,12 +113,15 @@ def replace_participants(
     participants: Sequence[ParticipantSnapshot],
     *,
     at: datetime | None = None,
+    known: Mapping[int, KnownParticipant] | None = None,
 ) -> None:
-    """Make the stored participants of one room equal to ``participants``; mark it primed."""
+    """Make the stored participants of one room equal to ``participants``; mark it primed.
+
+    ``known``: as for :func:`replace_known_rooms`."""
     now = at or utcnow()
+    stored = known if known is not None else known_participants(s, conn_id, room_id)
     existing = {
-        uid: ParticipantSnapshot(uid, row.name, row.mention_name)
-        for uid, row in known_participants(s, conn_id, room_id).items()
+        uid: ParticipantSnapshot(uid, row.name, row.mention_name) for uid, row in stored.items()
     }
     wanted = {p.user_id: p for p in participants}
     for part in chunks([uid for uid in existing if uid not in wanted]):

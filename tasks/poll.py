@@ -222,6 +222,7 @@ class Poll:
                 room_id,
                 [ParticipantSnapshot.of(u) for u in current],
                 at=self.now,
+                known=known,
             )
             inserted = self._store(s, found, [x for x in room_subs if not x.primed])
         self._committed(inserted)
@@ -243,9 +244,10 @@ class Poll:
         current: list[Room] = self.client.list_rooms(include_private=True, include_archived=True)
         with self.rt.db.session() as s:  # one transaction, generation first: see above
             generation = _generation(s, self.conn.id, ROOM_LIST_ROOM_ID, STREAM_ROOMS)
+            stored = room_store.known_rooms(s, self.conn.id)
             known = {
                 rid: RoomState(rid, r.name, r.privacy, r.is_archived, r.topic)
-                for rid, r in room_store.known_rooms(s, self.conn.id).items()
+                for rid, r in stored.items()
             }
             found: list[NewEvent] = []
             if generation is not None:
@@ -261,7 +263,7 @@ class Poll:
                             )
                             found.append(self._new_event(sub, payload))
             room_store.replace_known_rooms(
-                s, self.conn.id, [RoomSnapshot.of(r) for r in current], at=self.now
+                s, self.conn.id, [RoomSnapshot.of(r) for r in current], at=self.now, known=stored
             )
             inserted = self._store(s, found, [x for x in room_subs if not x.primed])
         self._committed(inserted)
