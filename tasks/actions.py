@@ -19,17 +19,20 @@ from typing import Any
 
 from storage import connections as conns
 from tasks.client import HipChatClient
+from tasks.client_inputs import (
+    COLORS,
+    FROM_MAX_CHARS,
+    MESSAGE_MAX_CHARS,
+    NOTIFICATION_MAX_CHARS,
+)
+from tasks.client_inputs import MESSAGE_FORMATS as FORMATS
+from tasks.client_inputs import ROOM_REF_MAX_CHARS as REF_MAX_CHARS
 from tasks.errors import BadRequest, NeedsAttention, NotFound, ValidationError
 from tasks.runtime import Runtime
-from tasks.subscribe import COLORS, FORMATS, normalise_color
+from tasks.subscribe import normalise_color
 
 Room = int | str
 User = int | str
-
-MESSAGE_MAX_CHARS = 1000
-NOTIFICATION_MAX_CHARS = 10_000
-FROM_MAX_CHARS = 64
-REF_MAX_CHARS = 100
 
 
 def _room_arg(room: Room) -> Room:

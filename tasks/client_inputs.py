@@ -25,8 +25,9 @@ FROM_MAX_CHARS = 64
 ATTACH_TO_MAX_CHARS = 36
 ROOM_REF_MAX_CHARS = 100
 ROOM_NAME_MAX_CHARS = 50
-COLORS = frozenset({"yellow", "green", "red", "purple", "gray", "random"})
-MESSAGE_FORMATS = frozenset({"html", "text"})
+# HipChat's vocabularies, in the order people read them (the one place they are written).
+COLORS = ("yellow", "green", "red", "purple", "gray", "random")
+MESSAGE_FORMATS = ("text", "html")
 PRIVACIES = frozenset({"public", "private"})
 ROOM_ROLES = frozenset({"room_member", "room_admin"})
 
@@ -108,7 +109,7 @@ def notification_body(
 ) -> dict[str, Any]:
     errors = [_length_error("message", message, 1, NOTIFICATION_MAX_CHARS)]
     if color not in COLORS:
-        errors.append(f"color must be one of {', '.join(sorted(COLORS))}")
+        errors.append(f"color must be one of {', '.join(COLORS)}")
     if message_format not in MESSAGE_FORMATS:
         errors.append("message_format must be html or text")
     if _wrong_type(notify, bool):

@@ -22,6 +22,13 @@ from urllib.parse import urlsplit
 import re2
 
 from storage.models import SUBSCRIPTION_NAME_PATTERN
+from tasks.client_inputs import (
+    COLORS,
+    FROM_MAX_CHARS,
+    MESSAGE_MAX_CHARS,
+    NOTIFICATION_MAX_CHARS,
+)
+from tasks.client_inputs import MESSAGE_FORMATS as FORMATS
 from tasks.errors import ValidationError
 from tasks.filters import compile_filter
 from tasks.templates import Template, compile_template
@@ -34,10 +41,8 @@ ROOM_LIST_EVENTS = frozenset({"room_created", "room_archived", "room_unarchived"
 EVENTS = HISTORY_EVENTS | PARTICIPANT_EVENTS | ROOM_LIST_EVENTS
 
 TARGET_KINDS = ("webhook", "log", "action", "handler")
-COLORS = ("yellow", "green", "red", "purple", "gray", "random")
 # Factor's documentation spells it "grey"; HipChat only knows "gray".
 COLOR_ALIASES = {"grey": "gray"}
-FORMATS = ("text", "html")
 # The top-level keys of every event payload (tasks.events); a template starts with one.
 EVENT_FIELDS = (
     "event",
@@ -54,9 +59,9 @@ ACTION_TEMPLATES = {
     "send_notification": ("message", "from"),
 }
 TEMPLATE_LIMITS = {
-    ("post_message", "message"): 1000,
-    ("send_notification", "message"): 10_000,
-    ("send_notification", "from"): 64,
+    ("post_message", "message"): MESSAGE_MAX_CHARS,
+    ("send_notification", "message"): NOTIFICATION_MAX_CHARS,
+    ("send_notification", "from"): FROM_MAX_CHARS,
 }
 MAX_ROOM_CHARS = 100
 

@@ -9,8 +9,9 @@ import json
 from typing import Any
 
 from tasks.actions import Actions
+from tasks.client_inputs import COLORS
+from tasks.client_inputs import MESSAGE_FORMATS as FORMATS
 from tasks.errors import ValidationError
-from tasks.subscribe import COLORS, FORMATS
 from worker.cli_connections import runtime
 
 

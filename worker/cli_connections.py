@@ -14,10 +14,12 @@ from urllib.parse import urlsplit, urlunsplit
 from storage import connections as conns
 from storage import outbox
 from storage import subscriptions as subs
+from tasks.client_inputs import COLORS
+from tasks.client_inputs import MESSAGE_FORMATS as FORMATS
 from tasks.errors import ValidationError
 from tasks.runtime import Runtime
 from tasks.settings import Settings
-from tasks.subscribe import COLORS, EVENTS, FORMATS, SubscriptionSpec, name_errors, spec_errors
+from tasks.subscribe import EVENTS, SubscriptionSpec, name_errors, spec_errors
 from tasks.subscriptions_api import create_subscriptions
 
 TOKEN_ENV = "HIPCHAT_POLLER_TOKEN"  # noqa: S105 (a variable name, not a secret)
