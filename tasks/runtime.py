@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
@@ -97,7 +96,6 @@ class Runtime:
         def on_rate_limit(info: RateLimitInfo) -> None:
             self.bucket.observe(connection_id, remaining=info.remaining, reset_at=info.reset_at)
 
-        hook: Callable[[RateLimitInfo], None] = on_rate_limit
         return HipChatClient(
             base_url,
             token,
@@ -106,6 +104,6 @@ class Runtime:
                 self.settings.http_read_timeout_seconds,
             ),
             before_request=before_request,
-            on_rate_limit=hook,
+            on_rate_limit=on_rate_limit,
             page_size=self.settings.history_page_size,
         )

@@ -25,7 +25,6 @@ import requests
 
 from tasks.errors import (
     NeedsAttention,
-    RetryLater,
     ServerError,
     TransportError,
     ValidationError,
@@ -176,4 +175,4 @@ def deliver(rt: Runtime, sub: SubView, event: dict[str, Any]) -> str:
     return target(rt, sub, event)
 
 
-__all__ = ["TARGETS", "RetryLater", "canonical_body", "deliver", "sign"]
+__all__ = ["TARGETS", "canonical_body", "deliver", "sign"]

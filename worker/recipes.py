@@ -362,10 +362,8 @@ def _add_subscription(
         target_kind=spec.target_kind,
         target=stored_target(rt, spec.target_kind, recipe.full_target()),
         backfill=spec.backfill,
+        name=recipe.stored_name,
     )
-    # storage.validate_name refuses ':' because it guards the names people type; the recipe
-    # prefix relies on exactly that to never collide with them, so the name is set here.
-    row.name = recipe.stored_name  # (kept: add_subscription now accepts it too)
     s.flush()
     if room is not None:
         subs.set_room_id(s, row.id, *room)
