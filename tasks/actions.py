@@ -65,12 +65,6 @@ def message_errors(message: object, limit: int) -> list[str]:
     return []
 
 
-def validate_message(message: str, limit: int) -> None:
-    errors = message_errors(message, limit)
-    if errors:
-        raise ValidationError(errors[0], errors)
-
-
 def notification_errors(
     message: object, color: str, message_format: str, notify: object, from_: str | None
 ) -> list[str]:

@@ -33,10 +33,6 @@ class Keys:
         """String: marks that this connection was polled in the current interval."""
         return f"{self._conn(connection_id)}:poll-slot"
 
-    def send_order(self, connection_id: int, room_id: int | str) -> str:
-        """String lock: serialises sends to one room so their order holds under retries."""
-        return f"{self._conn(connection_id)}:send-order:{room_id}"
-
     def drain_lock(self, subscription_id: int) -> str:
         """String lock: one worker at a time drains a subscription's outbox, in order."""
         return f"{self.prefix}:{{sub:{subscription_id}}}:drain"

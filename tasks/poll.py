@@ -25,7 +25,7 @@ from storage import connections as conns
 from storage import outbox, watermarks
 from storage import rooms as room_store
 from storage import subscriptions as subs
-from storage.models import ROOM_LIST_ROOM_ID, STREAM_PARTICIPANTS, STREAM_ROOMS
+from storage.models import ROOM_LIST_ROOM_ID, STREAM_HISTORY, STREAM_PARTICIPANTS, STREAM_ROOMS
 from storage.outbox import NewEvent
 from storage.rooms import ParticipantSnapshot, RoomSnapshot
 from tasks import diff, events
@@ -45,8 +45,6 @@ from tasks.subscribe import HISTORY_EVENTS, PARTICIPANT_EVENTS, ROOM_LIST_EVENTS
 from tasks.subscriptions_api import SubView
 
 log = logging.getLogger(__name__)
-
-HISTORY = "history"
 
 
 @dataclass
@@ -98,7 +96,7 @@ class Poll:
     def poll_stream(self, stream: Stream) -> None:
         """Read one stream, diff it, commit; a room's own failures stay with that room."""
         try:
-            if stream.kind == HISTORY:
+            if stream.kind == STREAM_HISTORY:
                 self._poll_room_history(stream.room_id, stream.subs)
             elif stream.kind == STREAM_PARTICIPANTS:
                 self._poll_room_participants(stream.room_id, stream.subs)
@@ -114,7 +112,7 @@ class Poll:
     # -- history triggers ------------------------------------------------------------
     def _poll_room_history(self, room_id: int, room_subs: list[SubView]) -> None:
         page = self.rt.settings.history_page_size
-        mark = self._watermark(room_id, HISTORY)
+        mark = self._watermark(room_id, STREAM_HISTORY)
         new_events: list[NewEvent] = []
         if mark is None:
             want = max([s.backfill for s in room_subs] + [1])
@@ -140,7 +138,9 @@ class Poll:
                         sub, diff.backfill_items(recent, sub.backfill)
                     )
         self.result.rooms_polled += 1
-        self._commit(room_id, HISTORY, new_mark, new_events, [s for s in room_subs if not s.primed])
+        self._commit(
+            room_id, STREAM_HISTORY, new_mark, new_events, [s for s in room_subs if not s.primed]
+        )
 
     def _fetch_new(
         self, room_id: int, mark: tuple[str | None, datetime], page: int
@@ -397,7 +397,7 @@ def group_by_room(views: list[SubView], kinds: frozenset[str]) -> dict[int, list
 class Stream:
     """What one poll reads once: a room's history or participants, or the room list."""
 
-    kind: str  # HISTORY, STREAM_PARTICIPANTS or STREAM_ROOMS
+    kind: str  # STREAM_HISTORY, STREAM_PARTICIPANTS or STREAM_ROOMS
     room_id: int
     subs: list[SubView]
 
@@ -412,7 +412,9 @@ def plan(
     fixed order the streams at the end would never be reached. ``done_since`` is when an
     earlier attempt of the same interval's poll started: what it did is not done twice.
     """
-    streams = [Stream(HISTORY, rid, s) for rid, s in group_by_room(views, HISTORY_EVENTS).items()]
+    streams = [
+        Stream(STREAM_HISTORY, rid, s) for rid, s in group_by_room(views, HISTORY_EVENTS).items()
+    ]
     streams += [
         Stream(STREAM_PARTICIPANTS, rid, s)
         for rid, s in group_by_room(views, PARTICIPANT_EVENTS).items()
