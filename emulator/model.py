@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tasks.hipchat_types import format_datetime
-
 # Scope names seen in HipChat's docs and error messages (reference §2).
 ALL_SCOPES = frozenset(
     {
@@ -47,8 +45,11 @@ def to_us(seconds: float) -> int:
 
 
 def iso_us(us: int) -> str:
-    """History date form: ``2018-01-09T04:29:16.864014+00:00``."""
-    return format_datetime(_EPOCH + timedelta(microseconds=us))
+    """History date form: ``2018-01-09T04:29:16.864014+00:00`` (reference §4.3).
+
+    Written here rather than borrowed from the client's parser, so that the emulator stays
+    an independent oracle: a mistake in the client's date handling cannot hide in both."""
+    return (_EPOCH + timedelta(microseconds=us)).isoformat(timespec="microseconds")
 
 
 def iso_seconds(seconds: float) -> str:

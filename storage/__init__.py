@@ -3,5 +3,5 @@
 One module per noun (``connections``, ``subscriptions``, ``watermarks``, ``rooms``,
 ``outbox``); each exposes plain functions that take a ``Session`` first. ``db`` owns the
 engine, the session scope, migrations, and the translation of SQLAlchemy errors into
-:mod:`tasks.errors`. See docs/storage.md.
+:mod:`storage.errors`. See docs/storage.md.
 """

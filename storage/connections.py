@@ -5,16 +5,19 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.crypto import TokenCipher
 from storage.db import translated
-from storage.models import CONNECTION_STATES, NAME_PATTERN, Connection
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
+from storage.models import NAME_PATTERN, Connection
+from storage.vocabulary import ConnectionState, is_one_of, one_of
 
 DEFAULT_POLL_INTERVAL_SECONDS = 60.0
+TOKEN_MAX_CHARS = 256
 MAX_REASON_LENGTH = 1000
 
 _NAME = re.compile(NAME_PATTERN)
@@ -34,16 +37,46 @@ def poll_offset_for(name: str, interval_seconds: float = DEFAULT_POLL_INTERVAL_S
     return int.from_bytes(digest[:8], "big") / 2**64 * interval_seconds
 
 
-def _validate_base_url(base_url: str) -> str:
-    url = base_url.strip().rstrip("/")
-    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
-        raise ValidationError(f"bad base URL {base_url!r}: expected http(s)://host[/path]")
-    return url
+def normalise_base_url(base_url: object) -> str:
+    """``http(s)://host[:port][/prefix]`` with no trailing ``/`` or ``/v2``: the one rule for
+    a connection's base URL, applied when it is stored and when a client is built.
+
+    The URL is never echoed in the error: a mistyped one may carry credentials."""
+    try:
+        parts = urlsplit(base_url.strip()) if isinstance(base_url, str) else None
+        host = parts.hostname if parts is not None else None
+        _ = parts.port if parts is not None else None  # a bad port raises here
+    except ValueError:
+        parts, host = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not host:
+        raise ValidationError("bad base URL: expected http(s)://host[/path]")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValidationError("bad base URL: it must not carry credentials, a query or a fragment")
+    if any(c.isspace() or ord(c) < 32 for c in str(base_url).strip()):
+        raise ValidationError("bad base URL: it must not contain spaces or control characters")
+    path = parts.path.rstrip("/").removesuffix("/v2").rstrip("/")
+    return f"{parts.scheme}://{parts.netloc}{path}"
 
 
-def _validate_token(token: str) -> str:
-    if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token):
-        raise ValidationError("bad token: it must be non-empty and contain no spaces")
+def token_problem(token: object) -> str | None:
+    """What is wrong with a personal access token, or None; never quotes the token.
+
+    The one rule for tokens: whitespace or a control character would also make ``requests``
+    refuse the header with an error that quotes it."""
+    if (
+        not isinstance(token, str)
+        or not 1 <= len(token) <= TOKEN_MAX_CHARS
+        or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in token)
+    ):
+        return f"must be 1..{TOKEN_MAX_CHARS} characters without spaces or control characters"
+    return None
+
+
+def validate_token(token: object, what: str = "the token") -> str:
+    problem = token_problem(token)
+    if problem is not None:
+        raise ValidationError(f"{what} {problem}")
+    assert isinstance(token, str)
     return token
 
 
@@ -58,8 +91,8 @@ def add_connection(
 ) -> Connection:
     connection = Connection(
         name=validate_name(name),
-        base_url=_validate_base_url(base_url),
-        token_encrypted=cipher.encrypt(_validate_token(token)),
+        base_url=normalise_base_url(base_url),
+        token_encrypted=cipher.encrypt(validate_token(token)),
         state="active",
         poll_offset_seconds=poll_offset_for(name, poll_interval_seconds),
     )
@@ -103,8 +136,8 @@ def remove_connection(s: Session, name_or_id: str | int) -> bool:
 def set_connection_state(
     s: Session, conn_id: int, state: str, reason: str | None = None
 ) -> Connection:
-    if state not in CONNECTION_STATES:
-        raise ValidationError(f"bad connection state {state!r}: one of {CONNECTION_STATES}")
+    if not is_one_of(ConnectionState, state):
+        raise ValidationError(f"bad connection state {state!r}: one of {one_of(ConnectionState)}")
     connection = require_connection(s, conn_id)
     connection.state = state
     connection.state_reason = reason[:MAX_REASON_LENGTH] if reason else None
@@ -128,9 +161,9 @@ def update_connection(
     replacing the token is how a person answers that state."""
     connection = require_connection(s, name)
     if base_url is not None:
-        connection.base_url = _validate_base_url(base_url)
+        connection.base_url = normalise_base_url(base_url)
     if token is not None:
-        connection.token_encrypted = cipher.encrypt(_validate_token(token))
+        connection.token_encrypted = cipher.encrypt(validate_token(token))
         if connection.state == "auth_failed":
             connection.state, connection.state_reason = "active", None
     s.flush()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
 
 KEY_FILENAME = "secret.key"
 DECRYPT_FAILED = "cannot decrypt stored secret: wrong HIPCHAT_POLLER_SECRET_KEY?"

@@ -40,8 +40,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.errors import NeedsAttention, StorageUnavailable, ValidationError
 from storage.models import Base
-from tasks.errors import NeedsAttention, StorageUnavailable, ValidationError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000

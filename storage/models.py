@@ -1,6 +1,7 @@
 """The relational model: connections, subscriptions, watermarks, known rooms, the outbox.
 
-Enumerations are short strings guarded by CHECK constraints (portable, trivially migrated).
+Enumerations are short strings guarded by CHECK constraints (portable, trivially migrated);
+their values are the vocabularies of :mod:`storage.vocabulary`.
 Every datetime is an aware UTC ``datetime`` on both backends (see :class:`UTCDateTime`).
 
 Priming markers live in ``watermarks`` so that one upsert serves every stream:
@@ -13,6 +14,7 @@ Priming markers live in ``watermarks`` so that one upsert serves every stream:
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -33,26 +35,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-CONNECTION_STATES = ("active", "paused", "auth_failed")
-SUBSCRIPTION_STATES = ("active", "paused", "error")
-TARGET_KINDS = ("webhook", "log", "action", "handler")
-OUTBOX_STATES = ("pending", "dispatched", "delivered", "dead")
-ROOM_EVENTS = (
-    "room_message",
-    "room_file_upload",
-    "room_notification",
-    "room_topic_change",
-    "room_enter",
-    "room_exit",
+from storage.vocabulary import (
+    ConnectionState,
+    Event,
+    OutboxState,
+    Stream,
+    SubscriptionState,
+    TargetKind,
 )
-ROOM_LIST_EVENTS = ("room_created", "room_archived", "room_unarchived", "room_deleted")
-EVENTS = ROOM_EVENTS + ROOM_LIST_EVENTS
-
-STREAM_HISTORY = "history"
-STREAM_ROOMS = "rooms"
-STREAM_PARTICIPANTS = "participants"
-STREAMS = (STREAM_HISTORY, STREAM_ROOMS, STREAM_PARTICIPANTS)
-ROOM_LIST_ROOM_ID = 0  # the room_id of the per-connection 'rooms' marker
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 # Subscription names may carry the reserved prefixes "recipe:" and "handler:module:function".
@@ -72,8 +62,8 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _in(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+def _in(column: str, vocabulary: type[StrEnum]) -> str:
+    return f"{column} IN ({', '.join(repr(m.value) for m in vocabulary)})"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -121,7 +111,7 @@ class Connection(Base):
     __tablename__ = "connections"
     __table_args__ = (
         UniqueConstraint("name"),
-        CheckConstraint(_in("state", CONNECTION_STATES), name="state"),
+        CheckConstraint(_in("state", ConnectionState), name="state"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -148,9 +138,9 @@ class Subscription(Base):
     __tablename__ = "subscriptions"
     __table_args__ = (
         UniqueConstraint("connection_id", "name"),
-        CheckConstraint(_in("event", EVENTS), name="event"),
-        CheckConstraint(_in("target_kind", TARGET_KINDS), name="target_kind"),
-        CheckConstraint(_in("state", SUBSCRIPTION_STATES), name="state"),
+        CheckConstraint(_in("event", Event), name="event"),
+        CheckConstraint(_in("target_kind", TargetKind), name="target_kind"),
+        CheckConstraint(_in("state", SubscriptionState), name="state"),
         CheckConstraint("backfill >= 0", name="backfill"),
     )
 
@@ -184,7 +174,7 @@ class Watermark(Base):
     """The newest item seen per (connection, room, stream); also the priming markers."""
 
     __tablename__ = "watermarks"
-    __table_args__ = (CheckConstraint(_in("stream", STREAMS), name="stream"),)
+    __table_args__ = (CheckConstraint(_in("stream", Stream), name="stream"),)
 
     connection_id: Mapped[int] = mapped_column(
         ForeignKey("connections.id", ondelete="CASCADE"), primary_key=True
@@ -233,7 +223,7 @@ class OutboxEvent(Base):
     __tablename__ = "outbox_events"
     __table_args__ = (
         UniqueConstraint("idempotency_key"),
-        CheckConstraint(_in("state", OUTBOX_STATES), name="state"),
+        CheckConstraint(_in("state", OutboxState), name="state"),
         Index("ix_outbox_events_state_dispatched_at", "state", "dispatched_at"),
         Index("ix_outbox_events_state_created_at", "state", "created_at"),
     )

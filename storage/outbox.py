@@ -24,11 +24,11 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.db import chunks, dialect_insert
-from storage.models import EVENTS, OUTBOX_STATES, OutboxEvent, utcnow
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
+from storage.models import OutboxEvent, utcnow
+from storage.vocabulary import OPEN_OUTBOX_STATES, Event, OutboxState, is_one_of
 
 MAX_TEXT_LENGTH = 2000  # of last_error and outcome
-_OPEN = ("pending", "dispatched")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +41,7 @@ class NewEvent:
 
 
 def _row(event: NewEvent, now: datetime) -> dict[str, Any]:
-    if event.event not in EVENTS:
+    if not is_one_of(Event, event.event):
         raise ValidationError(f"unknown event {event.event!r}")
     if not 0 < len(event.idempotency_key) <= 255:
         raise ValidationError("an idempotency key must have 1 to 255 characters")
@@ -98,7 +98,7 @@ def mark_dispatched(s: Session, ids: Iterable[int], at: datetime) -> int:
     for part in chunks(list(ids)):
         result = s.execute(
             update(OutboxEvent)
-            .where(OutboxEvent.id.in_(part), OutboxEvent.state.in_(_OPEN))
+            .where(OutboxEvent.id.in_(part), OutboxEvent.state.in_(OPEN_OUTBOX_STATES))
             .values(state="dispatched", dispatched_at=at)  # a scheduled retry time stays
             .execution_options(synchronize_session=False)
         )
@@ -115,7 +115,7 @@ def claim_for_delivery(s: Session, event_id: int) -> OutboxEvent | None:
     """
     query = (
         select(OutboxEvent)
-        .where(OutboxEvent.id == event_id, OutboxEvent.state.in_(_OPEN))
+        .where(OutboxEvent.id == event_id, OutboxEvent.state.in_(OPEN_OUTBOX_STATES))
         .with_for_update()
         .execution_options(populate_existing=True)
     )
@@ -133,7 +133,10 @@ def next_for_subscription(
     """
     query = (
         select(OutboxEvent)
-        .where(OutboxEvent.subscription_id == subscription_id, OutboxEvent.state.in_(_OPEN))
+        .where(
+            OutboxEvent.subscription_id == subscription_id,
+            OutboxEvent.state.in_(OPEN_OUTBOX_STATES),
+        )
         .order_by(OutboxEvent.id)
         .limit(1)
         .execution_options(populate_existing=True)
@@ -229,7 +232,7 @@ def undispatched(
 
 def stats(s: Session) -> dict[str, int]:
     """The number of events in each state, every state present."""
-    counts = dict.fromkeys(OUTBOX_STATES, 0)
+    counts = {state.value: 0 for state in OutboxState}
     query = select(OutboxEvent.state, func.count()).group_by(OutboxEvent.state)
     for state, count in s.execute(query):
         counts[state] = int(count)
@@ -254,7 +257,7 @@ def purge_closed(s: Session, older_than: datetime) -> int:
 def _close(s: Session, event_id: int, **values: Any) -> bool:
     result = s.execute(
         update(OutboxEvent)
-        .where(OutboxEvent.id == event_id, OutboxEvent.state.in_(_OPEN))
+        .where(OutboxEvent.id == event_id, OutboxEvent.state.in_(OPEN_OUTBOX_STATES))
         .values(**values)
         .execution_options(synchronize_session="fetch")
     )

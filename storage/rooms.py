@@ -16,14 +16,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from storage.db import chunks, upsert
-from storage.models import (
-    ROOM_LIST_ROOM_ID,
-    STREAM_PARTICIPANTS,
-    STREAM_ROOMS,
-    KnownParticipant,
-    KnownRoom,
-    utcnow,
-)
+from storage.models import KnownParticipant, KnownRoom, utcnow
+from storage.vocabulary import ROOM_LIST_ROOM_ID, Stream
 from storage.watermarks import is_primed, mark_stream_primed
 
 
@@ -62,7 +56,7 @@ def known_rooms(s: Session, conn_id: int) -> dict[int, KnownRoom]:
 
 
 def rooms_primed(s: Session, conn_id: int) -> bool:
-    return is_primed(s, conn_id, ROOM_LIST_ROOM_ID, STREAM_ROOMS)
+    return is_primed(s, conn_id, ROOM_LIST_ROOM_ID, Stream.ROOMS)
 
 
 def replace_known_rooms(
@@ -91,7 +85,7 @@ def replace_known_rooms(
         if existing.get(rid) != room
     ]
     upsert(s, KnownRoom, changed, ["connection_id", "room_id"])
-    mark_stream_primed(s, conn_id, ROOM_LIST_ROOM_ID, STREAM_ROOMS, now)
+    mark_stream_primed(s, conn_id, ROOM_LIST_ROOM_ID, Stream.ROOMS, now)
 
 
 def known_participants(s: Session, conn_id: int, room_id: int) -> dict[int, KnownParticipant]:
@@ -103,7 +97,7 @@ def known_participants(s: Session, conn_id: int, room_id: int) -> dict[int, Know
 
 
 def participants_primed(s: Session, conn_id: int, room_id: int) -> bool:
-    return is_primed(s, conn_id, room_id, STREAM_PARTICIPANTS)
+    return is_primed(s, conn_id, room_id, Stream.PARTICIPANTS)
 
 
 def replace_participants(
@@ -138,7 +132,7 @@ def replace_participants(
         if existing.get(uid) != p
     ]
     upsert(s, KnownParticipant, changed, ["connection_id", "room_id", "user_id"])
-    mark_stream_primed(s, conn_id, room_id, STREAM_PARTICIPANTS, now)
+    mark_stream_primed(s, conn_id, room_id, Stream.PARTICIPANTS, now)
 
 
 def _room_snapshot(row: KnownRoom) -> RoomSnapshot:

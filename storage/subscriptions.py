@@ -1,7 +1,8 @@
 """Subscriptions: which event, in which room, goes to which downstream target.
 
-Validated here: the event and target kinds, the shape of ``target``, names, backfill.
-Not validated here (the caller does, it knows the rules): regex filters, templates, handlers.
+Validated here (:func:`subscription_errors`, :func:`name_errors`): the event and whether it
+takes a room, the target kind and that ``target`` is JSON, names, backfill. Not validated here
+(:mod:`tasks.subscribe` does, it knows the rules): regex filters, templates, a target's fields.
 """
 
 from __future__ import annotations
@@ -17,28 +18,45 @@ from sqlalchemy.orm import Session
 
 from storage.connections import MAX_REASON_LENGTH
 from storage.db import translated
-from storage.models import (
-    EVENTS,
-    ROOM_EVENTS,
-    SUBSCRIPTION_NAME_PATTERN,
-    SUBSCRIPTION_STATES,
-    TARGET_KINDS,
-    Connection,
-    Subscription,
+from storage.errors import ValidationError
+from storage.models import SUBSCRIPTION_NAME_PATTERN, Connection, Subscription
+from storage.vocabulary import (
+    ROOM_LIST_EVENTS,
+    ROOM_SCOPED_EVENTS,
+    Event,
+    SubscriptionState,
+    TargetKind,
+    is_one_of,
+    one_of,
 )
-from tasks.errors import ValidationError
 
 MAX_BACKFILL = 1000  # HipChat returns at most 1000 history items per request
+MAX_ROOM_CHARS = 100  # HipChat's limit on a room name or id in a path
+NAME_RULE = "use 1 to 255 of A-Z a-z 0-9 _ . : -"
+
+_NAME = re.compile(SUBSCRIPTION_NAME_PATTERN)
 
 
-def _validate(event: str, room: str | None, target_kind: str, target: Any, backfill: int) -> None:
+def subscription_errors(
+    event: str, room: str | None, target_kind: str, target: Any, backfill: object
+) -> list[str]:
+    """Every problem with what a subscription stores, as sentences; empty when valid.
+
+    The one home of these rules: :func:`add_subscription` raises them, and
+    :func:`tasks.subscribe.spec_errors` reports them with the rules only it knows (filters,
+    templates, a target's fields)."""
     errors = []
-    if event not in EVENTS:
-        errors.append(f"unknown event {event!r}: one of {', '.join(EVENTS)}")
-    elif event in ROOM_EVENTS and not (room and room.strip()):
-        errors.append(f"event {event!r} needs a room")
-    if target_kind not in TARGET_KINDS:
-        errors.append(f"unknown target kind {target_kind!r}: one of {', '.join(TARGET_KINDS)}")
+    has_room = isinstance(room, str) and room.strip() != ""
+    if not is_one_of(Event, event):
+        errors.append(f"unknown event {event!r}; expected one of {', '.join(sorted(Event))}")
+    elif event in ROOM_LIST_EVENTS and room is not None:
+        errors.append(f"{event} watches the room list and takes no room")
+    elif event in ROOM_SCOPED_EVENTS and not has_room:
+        errors.append(f"{event} needs a room (name or id)")
+    if has_room and len(str(room)) > MAX_ROOM_CHARS:
+        errors.append(f"room must be 1..{MAX_ROOM_CHARS} characters")
+    if not is_one_of(TargetKind, target_kind):
+        errors.append(f"unknown target {target_kind!r}; expected one of {one_of(TargetKind)}")
     if not isinstance(target, dict):
         errors.append("target must be a JSON object")
     else:
@@ -50,8 +68,14 @@ def _validate(event: str, room: str | None, target_kind: str, target: Any, backf
         errors.append("backfill must be a whole number")
     elif not 0 <= backfill <= MAX_BACKFILL:
         errors.append(f"backfill must be within 0..{MAX_BACKFILL}")
-    if errors:
-        raise ValidationError("bad subscription: " + "; ".join(errors), errors)
+    return errors
+
+
+def name_errors(name: str | None) -> list[str]:
+    """A subscription name: optional; when given, 1..255 of a safe set of characters."""
+    if name is None or (isinstance(name, str) and _NAME.fullmatch(name)):
+        return []
+    return [f"bad subscription name {name!r}: {NAME_RULE}"]
 
 
 def add_subscription(
@@ -66,11 +90,9 @@ def add_subscription(
     backfill: int = 0,
     name: str | None = None,
 ) -> Subscription:
-    _validate(event, room, target_kind, target, backfill)
-    if name is not None and not re.fullmatch(SUBSCRIPTION_NAME_PATTERN, name):
-        raise ValidationError(
-            f"bad subscription name {name!r}: use 1 to 255 of A-Z a-z 0-9 _ . : -"
-        )
+    errors = subscription_errors(event, room, target_kind, target, backfill) + name_errors(name)
+    if errors:
+        raise ValidationError("bad subscription: " + "; ".join(errors), errors)
     if s.get(Connection, connection_id) is None:
         raise ValidationError(f"no connection with id {connection_id}")
     subscription = Subscription(
@@ -128,8 +150,10 @@ def remove_subscription(s: Session, sub_id: int) -> bool:
 def set_subscription_state(
     s: Session, sub_id: int, state: str, reason: str | None = None
 ) -> Subscription:
-    if state not in SUBSCRIPTION_STATES:
-        raise ValidationError(f"bad subscription state {state!r}: one of {SUBSCRIPTION_STATES}")
+    if not is_one_of(SubscriptionState, state):
+        raise ValidationError(
+            f"bad subscription state {state!r}: one of {one_of(SubscriptionState)}"
+        )
     subscription = _require(s, sub_id)
     subscription.state = state
     subscription.state_reason = reason[:MAX_REASON_LENGTH] if reason else None

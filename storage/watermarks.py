@@ -12,8 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.db import dialect_insert
-from storage.models import STREAMS, Watermark, utcnow
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
+from storage.models import Watermark, utcnow
+from storage.vocabulary import Stream, is_one_of, one_of
 
 # The date of a watermark that has seen nothing: older than any item, so all come after it.
 EMPTY_DATE = datetime(1970, 1, 1, tzinfo=UTC)
@@ -109,5 +110,5 @@ def mark_empty(s: Session, conn_id: int, room_id: int, stream: str) -> Watermark
 
 
 def _check(stream: str) -> None:
-    if stream not in STREAMS:
-        raise ValidationError(f"unknown watermark stream {stream!r}: one of {STREAMS}")
+    if not is_one_of(Stream, stream):
+        raise ValidationError(f"unknown watermark stream {stream!r}: one of {one_of(Stream)}")

@@ -4,8 +4,8 @@ Every call goes through the connection's client, so it takes a token from the co
 shared bucket first. Actions take a connection *name or id*, never a token.
 
 Input is checked before the first call, and every problem is reported at once
-(:class:`~tasks.errors.ValidationError`); what HipChat refuses comes back as the exception
-tree of :mod:`tasks.errors` (an unknown room or user is :class:`~tasks.errors.NotFound`).
+(:class:`~storage.errors.ValidationError`); what HipChat refuses comes back as the exception
+tree of :mod:`storage.errors` (an unknown room or user is :class:`~storage.errors.NotFound`).
 
 Rooms are an id (``10001`` or ``"10001"``) or a name. Users are an id, an email, or a mention
 name with or without its ``@`` (``"@bobb"`` or ``"bobb"``: HipChat itself wants the ``@``).
@@ -18,18 +18,17 @@ from contextlib import contextmanager
 from typing import Any
 
 from storage import connections as conns
+from storage.errors import BadRequest, NeedsAttention, NotFound, ValidationError
 from tasks.client import HipChatClient
 from tasks.client_inputs import (
-    COLORS,
-    FROM_MAX_CHARS,
     MESSAGE_MAX_CHARS,
     NOTIFICATION_MAX_CHARS,
+    message_errors,
+    normalise_color,
+    notification_errors,
 )
-from tasks.client_inputs import MESSAGE_FORMATS as FORMATS
 from tasks.client_inputs import ROOM_REF_MAX_CHARS as REF_MAX_CHARS
-from tasks.errors import BadRequest, NeedsAttention, NotFound, ValidationError
 from tasks.runtime import Runtime
-from tasks.subscribe import normalise_color
 
 Room = int | str
 User = int | str
@@ -55,30 +54,6 @@ def _user_arg(user: User) -> User:
     if user.isdigit():
         return int(user)
     return user if "@" in user else "@" + user
-
-
-def message_errors(message: object, limit: int) -> list[str]:
-    if not isinstance(message, str):
-        return ["message must be text"]
-    if not 1 <= len(message) <= limit:
-        return [f"message must be 1..{limit} characters (got {len(message)})"]
-    return []
-
-
-def notification_errors(
-    message: object, color: str, message_format: str, notify: object, from_: str | None
-) -> list[str]:
-    """Every problem with a notification's fields (``color`` already normalised)."""
-    errors = message_errors(message, NOTIFICATION_MAX_CHARS)
-    if color not in COLORS:
-        errors.append(f"color must be one of {', '.join(COLORS)}, not {color!r}")
-    if message_format not in FORMATS:
-        errors.append(f"message_format must be text or html, not {message_format!r}")
-    if not isinstance(notify, bool):
-        errors.append("notify must be true or false")
-    if from_ is not None and (not isinstance(from_, str) or len(from_) > FROM_MAX_CHARS):
-        errors.append(f"from must be text of at most {FROM_MAX_CHARS} characters")
-    return errors
 
 
 def _refuse(errors: list[str]) -> None:
@@ -151,7 +126,9 @@ class Actions:
         """Send a room notification (1..10000 characters). ``color="random"`` is resolved by
         HipChat into one of the five colours; ``"grey"`` is taken for ``"gray"``."""
         color = normalise_color(color)
-        problems = notification_errors(message, color, message_format, notify, from_)
+        problems = message_errors(message, NOTIFICATION_MAX_CHARS) + notification_errors(
+            color, message_format, notify, from_
+        )
         _refuse(_ref_errors(room) + problems)
         with self._client() as client:
             client.send_notification(

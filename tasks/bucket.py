@@ -20,58 +20,19 @@ and the bucket allows C + (k + r/W) * C). So the log alone is exactly "bucket + 
 key and one rule fewer. Cost per call is O(log C): C is a few hundred at most.
 
 Redis errors that mean "Redis cannot serve us now" become :class:`StorageUnavailable` in
-:func:`redis_errors`, the one place the project translates redis-py errors (leases use it too).
+:func:`tasks.redis_conn.redis_errors`, the one place the project translates redis-py errors.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.resources import files
 
 import redis
 
-from tasks.errors import BucketEmpty, StorageUnavailable
+from storage.errors import BucketEmpty
 from tasks.keys import Keys
-
-STORAGE_RETRY_AFTER_SECONDS = 2.0
-
-# Redis could not serve the command; trying again later may work. Any other RedisError
-# (WRONGTYPE, a Lua error, a bad argument) is a bug: retrying it every few seconds would only
-# hide it, so it propagates unchanged.
-_UNAVAILABLE: tuple[type[redis.RedisError], ...] = (
-    redis.ConnectionError,  # includes BusyLoadingError, AuthenticationError
-    redis.TimeoutError,
-    redis.exceptions.ReadOnlyError,  # failover: we reached a replica
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
-)
-
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")
-_PASSWORD_ARG = re.compile(r"(password\s*[=:]\s*)\S+", re.IGNORECASE)
-
-
-def load_script(name: str) -> str:
-    """The text of one of the package's Lua scripts."""
-    return files("tasks").joinpath(name).read_text(encoding="utf-8")
-
-
-@contextmanager
-def redis_errors(action: str, connection_id: int) -> Iterator[None]:
-    """Translate redis-py's availability errors into :class:`StorageUnavailable`."""
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        detail = _PASSWORD_ARG.sub(r"\1***", _URL_CREDENTIALS.sub("***@", str(exc)))
-        raise StorageUnavailable(
-            f"Redis unavailable during {action} for connection {connection_id}: "
-            f"{type(exc).__name__}: {detail}",
-            retry_after=STORAGE_RETRY_AFTER_SECONDS,
-        ) from exc
+from tasks.redis_conn import load_script, redis_errors
 
 
 def _microseconds(seconds: float) -> int:

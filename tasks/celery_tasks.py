@@ -20,9 +20,9 @@ from typing import Any
 from celery import Task, shared_task
 
 from storage import outbox
+from storage.errors import RetryLater
 from tasks.actions import Actions
 from tasks.delivery import drain
-from tasks.errors import RetryLater
 from tasks.poll import PollResult, poll_connection
 from tasks.runtime import Runtime
 

@@ -1,8 +1,8 @@
 """The HipChat REST API v2 client that the tasks, the command line and the benchmarks use.
 
-Each method checks its input (:class:`tasks.errors.ValidationError` before any call), builds
+Each method checks its input (:class:`storage.errors.ValidationError` before any call), builds
 one request, and parses the answer into :mod:`tasks.hipchat_types`. Sending, timing, logging,
-rate-limit headers and the translation of every failure into :mod:`tasks.errors` happen in one
+rate-limit headers and the translation of every failure into :mod:`storage.errors` happen in one
 choke point, :class:`tasks.client_http.HttpCore`, whose docstring draws the error mapping::
 
     HipChatClient.<method>    checks input (tasks.client_inputs), builds the request
@@ -23,10 +23,10 @@ from typing import Any, TypeVar
 
 import requests
 
+from storage.errors import AuthFailed, MalformedResponse, ValidationError
 from tasks import client_inputs as inputs
 from tasks.client_http import HttpCore, Reply
 from tasks.client_inputs import RoomRef, UserRef
-from tasks.errors import AuthFailed, MalformedResponse, ValidationError
 from tasks.hipchat_types import Message, RateLimitInfo, Room, SentMessage, User, UserStub
 from tasks.pagination import HistoryPage, next_page, page_is_full, parse_envelope
 

@@ -2,7 +2,7 @@
 
 :meth:`HttpCore.request` calls the ``before_request`` hook (the shared token bucket), sends
 the request with timeouts through one pooled :class:`requests.Session`, reads the rate-limit
-headers, logs one DEBUG line, and translates every failure into :mod:`tasks.errors`, here and
+headers, logs one DEBUG line, and translates every failure into :mod:`storage.errors`, here and
 nowhere else::
 
     requests.Timeout / ConnectionError / ChunkedEncodingError  -> TransportError
@@ -35,7 +35,8 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from tasks.errors import (
+from storage.connections import normalise_base_url, validate_token
+from storage.errors import (
     AuthFailed,
     BadRequest,
     Forbidden,
@@ -90,25 +91,6 @@ class Reply:
     where: str
 
 
-def normalise_base_url(base_url: str) -> str:
-    """``https://host[/prefix]`` with no trailing ``/`` or ``/v2``; http(s) only."""
-    parts = urlsplit(base_url.strip()) if isinstance(base_url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationError("base_url must be an http(s) URL such as https://api.hipchat.com")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValidationError("base_url must not carry credentials, a query or a fragment")
-    path = parts.path.rstrip("/").removesuffix("/v2").rstrip("/")
-    return f"{parts.scheme}://{parts.netloc}{path}"
-
-
-def _check_token(token: str) -> str:
-    # Whitespace or control characters would make requests raise InvalidHeader, whose text
-    # quotes the header value: refuse such a token here, without echoing it.
-    if not isinstance(token, str) or not token or any(c.isspace() or ord(c) < 32 for c in token):
-        raise ValidationError("token must be a non-empty string without whitespace")
-    return token
-
-
 def _check_timeout(timeout: tuple[float, float]) -> tuple[float, float]:
     try:
         connect, read = (float(part) for part in timeout)
@@ -145,7 +127,7 @@ class HttpCore:
     ) -> None:
         self.base_url = normalise_base_url(base_url)
         self.api_url = self.base_url + "/v2"
-        self._token = _check_token(token)
+        self._token = validate_token(token)
         self._timeout = _check_timeout(timeout)
         self._before_request = before_request
         self._on_rate_limit = on_rate_limit

@@ -1,7 +1,7 @@
 """Checking and encoding what callers pass to :class:`tasks.client.HipChatClient`.
 
 Everything here runs before any request is made and raises
-:class:`tasks.errors.ValidationError` listing every problem. Messages name the field and the
+:class:`storage.errors.ValidationError` listing every problem. Messages name the field and the
 limit, never the value: a message body may be private and a token is never an argument here.
 """
 
@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
 from tasks.hipchat_types import format_datetime
 
 MESSAGE_MAX_CHARS = 1000
@@ -27,6 +27,8 @@ ROOM_REF_MAX_CHARS = 100
 ROOM_NAME_MAX_CHARS = 50
 # HipChat's vocabularies, in the order people read them (the one place they are written).
 COLORS = ("yellow", "green", "red", "purple", "gray", "random")
+# Factor's documentation spells it "grey"; HipChat only knows "gray".
+COLOR_ALIASES = {"grey": "gray"}
 MESSAGE_FORMATS = ("text", "html")
 PRIVACIES = frozenset({"public", "private"})
 ROOM_ROLES = frozenset({"room_member", "room_admin"})
@@ -91,9 +93,44 @@ def date_param(value: datetime | str, field: str) -> str:
     return value
 
 
+def normalise_color(color: str) -> str:
+    """``grey`` -> ``gray``; anything else unchanged (validation reports it)."""
+    return COLOR_ALIASES.get(color, color) if isinstance(color, str) else color
+
+
+def message_errors(message: object, limit: int) -> list[str]:
+    """A message or notification text: 1..``limit`` characters."""
+    if not isinstance(message, str):
+        return ["message must be text"]
+    if not 1 <= len(message) <= limit:
+        return [f"message must be 1..{limit} characters (got {len(message)})"]
+    return []
+
+
+def notification_errors(
+    color: object,
+    message_format: object,
+    notify: object,
+    from_: object = None,
+    *,
+    format_field: str = "message_format",
+) -> list[str]:
+    """Every problem with a notification's fields other than its text (``color`` already
+    normalised). ``format_field`` is what the caller's user calls the format."""
+    errors = []
+    if color not in COLORS:
+        errors.append(f"color must be one of {', '.join(COLORS)}, not {color!r}")
+    if message_format not in MESSAGE_FORMATS:
+        errors.append(f"{format_field} must be text or html, not {message_format!r}")
+    if not isinstance(notify, bool):
+        errors.append("notify must be true or false")
+    if from_ is not None and (not isinstance(from_, str) or len(from_) > FROM_MAX_CHARS):
+        errors.append(f"from must be text of at most {FROM_MAX_CHARS} characters")
+    return errors
+
+
 def message_body(text: str) -> dict[str, Any]:
-    error = _length_error("message", text, 1, MESSAGE_MAX_CHARS)
-    _fail("send_message", [error] if error else [])
+    _fail("send_message", message_errors(text, MESSAGE_MAX_CHARS))
     return {"message": text}
 
 
@@ -107,15 +144,10 @@ def notification_body(
     card: Mapping[str, Any] | None,
     attach_to: str | None,
 ) -> dict[str, Any]:
-    errors = [_length_error("message", message, 1, NOTIFICATION_MAX_CHARS)]
-    if color not in COLORS:
-        errors.append(f"color must be one of {', '.join(COLORS)}")
-    if message_format not in MESSAGE_FORMATS:
-        errors.append("message_format must be html or text")
-    if _wrong_type(notify, bool):
-        errors.append("notify must be a boolean")
-    if from_ is not None:
-        errors.append(_length_error("from", from_, 0, FROM_MAX_CHARS))
+    errors: list[str | None] = [
+        *message_errors(message, NOTIFICATION_MAX_CHARS),
+        *notification_errors(color, message_format, notify, from_),
+    ]
     if card is not None and _wrong_type(card, Mapping):
         errors.append("card must be a mapping")
     if attach_to is not None:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 from storage import outbox
 from storage import subscriptions as subs
-from tasks.errors import BucketEmpty, InvalidInput, NeedsAttention, RateLimited, RetryLater
+from storage.errors import BucketEmpty, InvalidInput, NeedsAttention, RateLimited, RetryLater
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import SubView
 from tasks.targets import deliver

@@ -26,17 +26,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
+from storage.vocabulary import Event
 from tasks.hipchat_types import Message
 
-HISTORY_EVENTS = frozenset(
-    {"room_message", "room_file_upload", "room_notification", "room_topic_change"}
-)
-
 _EVENT_BY_TYPE = {
-    "message": "room_message",
-    "notification": "room_notification",
-    "topic": "room_topic_change",
+    "message": Event.ROOM_MESSAGE,
+    "notification": Event.ROOM_NOTIFICATION,
+    "topic": Event.ROOM_TOPIC_CHANGE,
 }
 
 
@@ -48,7 +45,7 @@ class Watermark(NamedTuple):
     date: datetime
 
 
-def classify(msg: Message) -> str | None:
+def classify(msg: Message) -> Event | None:
     """The trigger event a history item fires, or ``None`` if it fires none.
 
     * ``type=message`` with ``file`` -> ``room_file_upload`` **only**. Whether HipChat also
@@ -63,7 +60,7 @@ def classify(msg: Message) -> str | None:
     any other type is not a documented shape, so the type decides.
     """
     if msg.type == "message" and msg.file is not None:
-        return "room_file_upload"
+        return Event.ROOM_FILE_UPLOAD
     return _EVENT_BY_TYPE.get(msg.type)
 
 

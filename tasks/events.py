@@ -56,11 +56,12 @@ from dataclasses import asdict
 from typing import Any
 from urllib.parse import urlsplit
 
+from storage.vocabulary import PARTICIPANT_EVENTS, ROOM_LIST_EVENTS, Event
 from tasks.hipchat_types import Message, Room, UserStub
-from tasks.rooms_diff import PARTICIPANT_EVENTS, ROOM_EVENTS, RoomChange, RoomState
+from tasks.rooms_diff import RoomChange, RoomState
 
 MAX_KEY_CHARS = 200
-_ONCE_PER_ROOM = frozenset({"room_created", "room_deleted"})
+_ONCE_PER_ROOM = frozenset({Event.ROOM_CREATED, Event.ROOM_DELETED})
 
 JSON = dict[str, Any]
 Generation = int | str
@@ -157,10 +158,10 @@ def _topic_item(msg: Message, room: JSON) -> JSON:
 
 
 _HISTORY_ITEMS: dict[str, Callable[[Message, JSON], JSON]] = {
-    "room_message": _message_item,
-    "room_notification": _message_item,
-    "room_file_upload": _file_item,
-    "room_topic_change": _topic_item,
+    Event.ROOM_MESSAGE: _message_item,
+    Event.ROOM_NOTIFICATION: _message_item,
+    Event.ROOM_FILE_UPLOAD: _file_item,
+    Event.ROOM_TOPIC_CHANGE: _topic_item,
 }
 
 
@@ -208,7 +209,7 @@ def room_event(
     """The payload of a room-list event; ``item.room`` is the stub HipChat listed, or for a
     deleted room the stored state (``id, name, privacy, is_archived, topic``), plus the stub's
     ``links`` when ``base_url`` is given."""
-    if change.event not in ROOM_EVENTS:
+    if change.event not in ROOM_LIST_EVENTS:
         raise ValueError(f"not a room event: {change.event!r}")
     return _envelope(
         change.event,

@@ -4,7 +4,7 @@ Patterns run on RE2 (``google-re2``), whose matching time is linear in the text:
 backtracking, so ``(a+)+$`` costs the same as ``a``. The price is that RE2 refuses the
 features that need backtracking, **backreferences** (``\\1``) and **lookaround**
 (``(?=``, ``(?!``, ``(?<=``, ``(?<!``); such patterns are rejected with a
-:class:`~tasks.errors.ValidationError` when the subscription is saved, never at poll time.
+:class:`~storage.errors.ValidationError` when the subscription is saved, never at poll time.
 Python's ``re`` is never used as a fallback.
 
 Bounds by construction: a pattern is at most :data:`MAX_PATTERN_CHARS` characters (RE2
@@ -25,7 +25,7 @@ from typing import Any
 
 import re2
 
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
 
 MAX_PATTERN_CHARS = 1000
 MAX_TEXT_CHARS = 10_000

@@ -24,7 +24,7 @@ from typing import Any
 
 from storage import connections as conns
 from storage import subscriptions as subs
-from tasks.errors import HipChatPollerError, ServerError, ValidationError
+from storage.errors import HipChatPollerError, ServerError, ValidationError
 from tasks.runtime import Runtime
 from tasks.subscribe import SubscriptionSpec, validate_spec
 from tasks.subscriptions_api import SubView, create_subscriptions

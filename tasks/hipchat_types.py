@@ -4,7 +4,7 @@ Every parser keeps the original JSON in ``raw`` so that event payloads can mirro
 own webhook shapes byte for byte, while code works with typed, validated fields:
 aware datetimes, ``from`` in both of its shapes, ``card`` decoded from its JSON string.
 
-A value that does not fit raises :class:`tasks.errors.MalformedResponse`: a bad answer
+A value that does not fit raises :class:`storage.errors.MalformedResponse`: a bad answer
 from the network is refused where it enters, never half-used.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from tasks.errors import MalformedResponse
+from storage.errors import MalformedResponse
 
 MESSAGE_TYPES = frozenset({"message", "notification", "guest_access", "topic"})
 

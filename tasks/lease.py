@@ -7,7 +7,7 @@
 * The **slot** (``Keys.poll_slot``) says which poll interval was last claimed, so that a
   connection is never polled twice in one interval, whatever number of beats or redeliveries.
 
-Redis errors are translated by :func:`tasks.bucket.redis_errors`, the one place for them.
+Redis errors are translated by :func:`tasks.redis_conn.redis_errors`, the one place for them.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import math
 
 import redis
 
-from tasks.bucket import load_script, redis_errors
 from tasks.keys import Keys
+from tasks.redis_conn import load_script, redis_errors
 
 
 def _ttl_ms(ttl_seconds: float) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-from tasks.errors import MalformedResponse
+from storage.errors import MalformedResponse
 
 T = TypeVar("T")
 

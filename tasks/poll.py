@@ -25,23 +25,29 @@ from storage import connections as conns
 from storage import outbox, watermarks
 from storage import rooms as room_store
 from storage import subscriptions as subs
-from storage.models import ROOM_LIST_ROOM_ID, STREAM_HISTORY, STREAM_PARTICIPANTS, STREAM_ROOMS
-from storage.outbox import NewEvent
-from storage.rooms import ParticipantSnapshot, RoomSnapshot
-from tasks import diff, events
-from tasks.client import HipChatClient
-from tasks.errors import (
+from storage.errors import (
     AuthFailed,
     BadRequest,
     Forbidden,
     MalformedResponse,
     NotFound,
 )
+from storage.outbox import NewEvent
+from storage.rooms import ParticipantSnapshot, RoomSnapshot
+from storage.vocabulary import (
+    HISTORY_EVENTS,
+    PARTICIPANT_EVENTS,
+    ROOM_LIST_EVENTS,
+    ROOM_LIST_ROOM_ID,
+    Event,
+    Stream,
+)
+from tasks import diff, events
+from tasks.client import HipChatClient
 from tasks.filters import compile_filter
 from tasks.hipchat_types import Message, Room
 from tasks.rooms_diff import RoomState, diff_participants, diff_rooms
 from tasks.runtime import Runtime
-from tasks.subscribe import HISTORY_EVENTS, PARTICIPANT_EVENTS, ROOM_LIST_EVENTS
 from tasks.subscriptions_api import SubView
 
 log = logging.getLogger(__name__)
@@ -93,17 +99,17 @@ class Poll:
         self.rt, self.conn, self.client, self.now = rt, conn, client, now
         self.result = result if result is not None else PollResult(conn.id)
 
-    def poll_stream(self, stream: Stream) -> None:
+    def poll_stream(self, stream: StreamRead) -> None:
         """Read one stream, diff it, commit; a room's own failures stay with that room."""
         try:
-            if stream.kind == STREAM_HISTORY:
+            if stream.kind == Stream.HISTORY:
                 self._poll_room_history(stream.room_id, stream.subs)
-            elif stream.kind == STREAM_PARTICIPANTS:
+            elif stream.kind == Stream.PARTICIPANTS:
                 self._poll_room_participants(stream.room_id, stream.subs)
             else:
                 self._poll_room_list(stream.subs)
         except NotFound:
-            if stream.kind == STREAM_ROOMS:
+            if stream.kind == Stream.ROOMS:
                 raise  # no room to blame: the base URL is wrong
             self._room_gone(stream.room_id, stream.subs)
         except MalformedResponse as exc:  # nothing is diffed from a bad answer
@@ -112,7 +118,7 @@ class Poll:
     # -- history triggers ------------------------------------------------------------
     def _poll_room_history(self, room_id: int, room_subs: list[SubView]) -> None:
         page = self.rt.settings.history_page_size
-        mark = self._watermark(room_id, STREAM_HISTORY)
+        mark = self._watermark(room_id, Stream.HISTORY)
         new_events: list[NewEvent] = []
         if mark is None:
             want = max([s.backfill for s in room_subs] + [1])
@@ -139,7 +145,7 @@ class Poll:
                     )
         self.result.rooms_polled += 1
         self._commit(
-            room_id, STREAM_HISTORY, new_mark, new_events, [s for s in room_subs if not s.primed]
+            room_id, Stream.HISTORY, new_mark, new_events, [s for s in room_subs if not s.primed]
         )
 
     def _fetch_new(
@@ -202,7 +208,7 @@ class Poll:
         # first: a concurrent poll that commits meanwhile cannot pair our old generation
         # with its new baseline (see _generation).
         with self.rt.db.session() as s:
-            generation = _generation(s, self.conn.id, room_id, STREAM_PARTICIPANTS)
+            generation = _generation(s, self.conn.id, room_id, Stream.PARTICIPANTS)
             known = room_store.known_participants(s, self.conn.id, room_id)
             found: list[NewEvent] = []
             if generation is not None:
@@ -214,7 +220,7 @@ class Poll:
                     current,
                 )
                 for sub in (x for x in room_subs if x.primed):
-                    people = entered if sub.event == "room_enter" else exited
+                    people = entered if sub.event == Event.ROOM_ENTER else exited
                     found += [self._participant_event(sub, user, generation) for user in people]
             room_store.replace_participants(
                 s,
@@ -243,7 +249,7 @@ class Poll:
     def _poll_room_list(self, room_subs: list[SubView]) -> None:
         current: list[Room] = self.client.list_rooms(include_private=True, include_archived=True)
         with self.rt.db.session() as s:  # one transaction, generation first: see above
-            generation = _generation(s, self.conn.id, ROOM_LIST_ROOM_ID, STREAM_ROOMS)
+            generation = _generation(s, self.conn.id, ROOM_LIST_ROOM_ID, Stream.ROOMS)
             stored = room_store.known_rooms(s, self.conn.id)
             known = {
                 rid: RoomState(rid, r.name, r.privacy, r.is_archived, r.topic)
@@ -394,17 +400,17 @@ def group_by_room(views: list[SubView], kinds: frozenset[str]) -> dict[int, list
 
 
 @dataclass(frozen=True, slots=True)
-class Stream:
+class StreamRead:
     """What one poll reads once: a room's history or participants, or the room list."""
 
-    kind: str  # STREAM_HISTORY, STREAM_PARTICIPANTS or STREAM_ROOMS
+    kind: Stream
     room_id: int
     subs: list[SubView]
 
 
 def plan(
     rt: Runtime, conn_id: int, views: list[SubView], done_since: datetime | None = None
-) -> list[Stream]:
+) -> list[StreamRead]:
     """Every stream the subscriptions need, the least recently polled first (never polled:
     first of all); streams polled at or after ``done_since`` are left out.
 
@@ -413,15 +419,16 @@ def plan(
     earlier attempt of the same interval's poll started: what it did is not done twice.
     """
     streams = [
-        Stream(STREAM_HISTORY, rid, s) for rid, s in group_by_room(views, HISTORY_EVENTS).items()
+        StreamRead(Stream.HISTORY, rid, s)
+        for rid, s in group_by_room(views, HISTORY_EVENTS).items()
     ]
     streams += [
-        Stream(STREAM_PARTICIPANTS, rid, s)
+        StreamRead(Stream.PARTICIPANTS, rid, s)
         for rid, s in group_by_room(views, PARTICIPANT_EVENTS).items()
     ]
     listing = [v for v in views if v.event in ROOM_LIST_EVENTS]
     if listing:
-        streams.append(Stream(STREAM_ROOMS, ROOM_LIST_ROOM_ID, listing))
+        streams.append(StreamRead(Stream.ROOMS, ROOM_LIST_ROOM_ID, listing))
     never = datetime.min.replace(tzinfo=UTC)
     with rt.db.session() as s:
         marks = watermarks.connection_watermarks(s, conn_id)

@@ -1,4 +1,6 @@
-"""The Redis client factory: a real client from ``settings.redis_url``, or in embedded mode
+"""The Redis client factory, the one place redis-py errors are translated, and Lua loading.
+
+The client factory: a real client from ``settings.redis_url``, or in embedded mode
 (no URL) an in-process fakeredis client on the one :func:`embedded_server` of this process.
 
 Every client of one process shares the embedded server, so the bucket, the leases and the
@@ -9,13 +11,18 @@ demos, ``--pool=solo`` or threads), never for several workers.
 from __future__ import annotations
 
 import os
+import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.resources import files
 
 import fakeredis
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from storage.errors import StorageUnavailable
 from tasks.settings import Settings
 
 SOCKET_CONNECT_TIMEOUT_SECONDS = 2.0
@@ -27,6 +34,43 @@ HEALTH_CHECK_INTERVAL_SECONDS = 30
 RETRIES = 2
 RETRY_BACKOFF_BASE_SECONDS = 0.05
 RETRY_BACKOFF_CAP_SECONDS = 0.5
+
+STORAGE_RETRY_AFTER_SECONDS = 2.0
+
+# Redis could not serve the command; trying again later may work. Any other RedisError
+# (WRONGTYPE, a Lua error, a bad argument) is a bug: retrying it every few seconds would only
+# hide it, so it propagates unchanged.
+_UNAVAILABLE: tuple[type[redis.RedisError], ...] = (
+    redis.ConnectionError,  # includes BusyLoadingError, AuthenticationError
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # failover: we reached a replica
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
+
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")
+_PASSWORD_ARG = re.compile(r"(password\s*[=:]\s*)\S+", re.IGNORECASE)
+
+
+def load_script(name: str) -> str:
+    """The text of one of the package's Lua scripts."""
+    return files("tasks").joinpath(name).read_text(encoding="utf-8")
+
+
+@contextmanager
+def redis_errors(action: str, connection_id: int) -> Iterator[None]:
+    """Translate redis-py's availability errors into :class:`StorageUnavailable`."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        detail = _PASSWORD_ARG.sub(r"\1***", _URL_CREDENTIALS.sub("***@", str(exc)))
+        raise StorageUnavailable(
+            f"Redis unavailable during {action} for connection {connection_id}: "
+            f"{type(exc).__name__}: {detail}",
+            retry_after=STORAGE_RETRY_AFTER_SECONDS,
+        ) from exc
+
 
 _server: fakeredis.FakeServer | None = None
 _server_lock = threading.Lock()

@@ -17,10 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from storage.vocabulary import Event
 from tasks.hipchat_types import Room, UserStub
-
-ROOM_EVENTS = frozenset({"room_created", "room_archived", "room_unarchived", "room_deleted"})
-PARTICIPANT_EVENTS = frozenset({"room_enter", "room_exit"})
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ class RoomChange:
     """One room event. ``room`` is the fresh :class:`Room` from the list, or the stored
     :class:`RoomState` for ``room_deleted`` (the room is no longer listed)."""
 
-    event: str
+    event: Event
     room: Room | RoomState
 
 
@@ -61,9 +59,11 @@ def snapshot(rooms: Iterable[Room]) -> dict[int, RoomState]:
 def _changes_of(room: Room, before: RoomState | None) -> list[RoomChange]:
     if before is None:
         # Created and archived between two polls: both happened, report both, in order.
-        events = ["room_created", "room_archived"] if room.is_archived else ["room_created"]
+        events = [Event.ROOM_CREATED]
+        if room.is_archived:
+            events.append(Event.ROOM_ARCHIVED)
     elif room.is_archived != before.is_archived:
-        events = ["room_archived" if room.is_archived else "room_unarchived"]
+        events = [Event.ROOM_ARCHIVED if room.is_archived else Event.ROOM_UNARCHIVED]
     else:
         events = []  # renames, privacy and topic changes are not room-list events
     return [RoomChange(event, room) for event in events]
@@ -78,7 +78,7 @@ def diff_rooms(known: Mapping[int, RoomState], current: list[Room]) -> list[Room
     changes = [change for room in current for change in _changes_of(room, known.get(room.id))]
     listed = {room.id for room in current}
     gone = sorted(room_id for room_id in known if room_id not in listed)
-    return changes + [RoomChange("room_deleted", known[room_id]) for room_id in gone]
+    return changes + [RoomChange(Event.ROOM_DELETED, known[room_id]) for room_id in gone]
 
 
 _Stored = TypeVar("_Stored")

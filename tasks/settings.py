@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
 
 PREFIX = "HIPCHAT_POLLER_"
 

@@ -13,7 +13,6 @@ recorded on the event, never sent as a wrong message.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,28 +20,21 @@ from urllib.parse import urlsplit
 
 import re2
 
-from storage.models import SUBSCRIPTION_NAME_PATTERN
+from storage.errors import ValidationError
+from storage.subscriptions import MAX_ROOM_CHARS, name_errors, subscription_errors
+from storage.vocabulary import Event, TargetKind, is_one_of
 from tasks.client_inputs import (
-    COLORS,
     FROM_MAX_CHARS,
     MESSAGE_MAX_CHARS,
     NOTIFICATION_MAX_CHARS,
+    normalise_color,
+    notification_errors,
 )
-from tasks.client_inputs import MESSAGE_FORMATS as FORMATS
-from tasks.errors import ValidationError
 from tasks.filters import compile_filter
 from tasks.templates import Template, compile_template
 
-HISTORY_EVENTS = frozenset(
-    {"room_message", "room_file_upload", "room_notification", "room_topic_change"}
-)
-PARTICIPANT_EVENTS = frozenset({"room_enter", "room_exit"})
-ROOM_LIST_EVENTS = frozenset({"room_created", "room_archived", "room_unarchived", "room_deleted"})
-EVENTS = HISTORY_EVENTS | PARTICIPANT_EVENTS | ROOM_LIST_EVENTS
+__all__ = ["SubscriptionSpec", "name_errors", "spec_errors", "target_errors", "validate_spec"]
 
-TARGET_KINDS = ("webhook", "log", "action", "handler")
-# Factor's documentation spells it "grey"; HipChat only knows "gray".
-COLOR_ALIASES = {"grey": "gray"}
 # The top-level keys of every event payload (tasks.events); a template starts with one.
 EVENT_FIELDS = (
     "event",
@@ -63,14 +55,6 @@ TEMPLATE_LIMITS = {
     ("send_notification", "message"): NOTIFICATION_MAX_CHARS,
     ("send_notification", "from"): FROM_MAX_CHARS,
 }
-MAX_ROOM_CHARS = 100
-
-_NAME = re.compile(SUBSCRIPTION_NAME_PATTERN)
-
-
-def normalise_color(color: str) -> str:
-    """``grey`` -> ``gray``; anything else unchanged (validation reports it)."""
-    return COLOR_ALIASES.get(color, color) if isinstance(color, str) else color
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,44 +73,22 @@ class SubscriptionSpec:
 
 def spec_errors(spec: SubscriptionSpec) -> list[str]:
     """Every problem with ``spec``, as sentences; empty when it is valid."""
-    errors = _identity_errors(spec)
+    errors = []
+    if not isinstance(spec.connection, str) or not spec.connection.strip():
+        errors.append("a connection name is required")
+    errors += subscription_errors(
+        spec.event, spec.room, spec.target_kind, spec.target, spec.backfill
+    )
     groups: int | None = 0  # capture groups the event's `matches` will hold
     if spec.filter is not None:
-        if spec.event in EVENTS and spec.event != "room_message":
+        if is_one_of(Event, spec.event) and spec.event != Event.ROOM_MESSAGE:
             errors.append("a filter applies only to room_message")
         filter_errors = _collect(compile_filter, spec.filter)
         errors.extend(filter_errors)
         groups = None if filter_errors else _group_count(spec.filter)
-    if isinstance(spec.backfill, bool) or not isinstance(spec.backfill, int):
-        errors.append("backfill must be a whole number")
-    elif not 0 <= spec.backfill <= 1000:
-        errors.append("backfill must be within 0..1000")
-    errors.extend(target_errors(spec.target_kind, spec.target, groups=groups))
+    if is_one_of(TargetKind, spec.target_kind):
+        errors.extend(target_errors(spec.target_kind, spec.target, groups=groups))
     return errors
-
-
-def _identity_errors(spec: SubscriptionSpec) -> list[str]:
-    """The connection, the event and whether it takes a room. (Names are checked by whoever
-    makes them: :func:`name_errors` for the CLI and the API, the recipes loader for its own.)"""
-    errors: list[str] = []
-    if not isinstance(spec.connection, str) or not spec.connection.strip():
-        errors.append("a connection name is required")
-    has_room = isinstance(spec.room, str) and spec.room.strip() != ""
-    if spec.event not in EVENTS:
-        errors.append(f"unknown event {spec.event!r}; expected one of {', '.join(sorted(EVENTS))}")
-    elif spec.event in ROOM_LIST_EVENTS and spec.room is not None:
-        errors.append(f"{spec.event} watches the room list and takes no room")
-    elif spec.event not in ROOM_LIST_EVENTS and not has_room:
-        errors.append(f"{spec.event} needs a room (name or id)")
-    if has_room and len(str(spec.room)) > MAX_ROOM_CHARS:
-        errors.append(f"room must be 1..{MAX_ROOM_CHARS} characters")
-    return errors
-
-
-def name_errors(name: str | None) -> list[str]:
-    if name is None or (isinstance(name, str) and _NAME.fullmatch(name)):
-        return []
-    return [f"bad subscription name {name!r}: use 1 to 255 of A-Z a-z 0-9 _ . : -"]
 
 
 def _group_count(pattern: str) -> int | None:
@@ -137,17 +99,16 @@ def _group_count(pattern: str) -> int | None:
 
 
 def target_errors(kind: str, target: Any, *, groups: int | None = None) -> list[str]:
-    """Problems with a target. ``groups``: the filter's capture groups (``None``: unknown,
-    so ``{matches[n]}`` is not checked)."""
-    if kind not in TARGET_KINDS:
-        return [f"unknown target {kind!r}; expected one of {', '.join(TARGET_KINDS)}"]
+    """Problems with the fields of a target of a known ``kind`` (the kind and the target's
+    JSON shape are :func:`storage.subscriptions.subscription_errors`' rules). ``groups``: the
+    filter's capture groups (``None``: unknown, so ``{matches[n]}`` is not checked)."""
     if not isinstance(target, dict):
-        return [f"the {kind} target must be a mapping"]
-    if kind == "webhook":
+        return []  # reported by subscription_errors
+    if kind == TargetKind.WEBHOOK:
         return _webhook_errors(target)
-    if kind == "action":
+    if kind == TargetKind.ACTION:
         return _action_errors(target, groups)
-    if kind == "handler":
+    if kind == TargetKind.HANDLER:
         handler = target.get("handler")
         module, _, function = handler.partition(":") if isinstance(handler, str) else ("", "", "")
         if not module or not function:
@@ -190,21 +151,17 @@ def _action_errors(target: dict[str, Any], groups: int | None) -> list[str]:
         limit = TEMPLATE_LIMITS[(action, key)]
         errors.extend(f"{key} template: {e}" for e in _template_errors(value, limit, groups))
     if action == "send_notification":
-        errors.extend(_notification_errors(target))
+        errors.extend(
+            notification_errors(
+                normalise_color(target.get("color", "yellow")),
+                target.get("format", "html"),
+                target.get("notify", False),
+                format_field="format",
+            )
+        )
     room = target.get("room")
     if room is not None and not _room_ref_ok(room):
         errors.append(f"action room must be a room id or a name of 1..{MAX_ROOM_CHARS} characters")
-    return errors
-
-
-def _notification_errors(target: dict[str, Any]) -> list[str]:
-    errors = []
-    if normalise_color(target.get("color", "yellow")) not in COLORS:
-        errors.append(f"color must be one of {', '.join(COLORS)}")
-    if target.get("format", "html") not in FORMATS:
-        errors.append("format must be text or html")
-    if not isinstance(target.get("notify", False), bool):
-        errors.append("notify must be true or false")
     return errors
 
 

@@ -10,9 +10,10 @@ from typing import Any
 
 from storage import connections as conns
 from storage import subscriptions as subs
-from tasks.errors import NeedsAttention, NotFound, RetryLater, ValidationError
+from storage.errors import NeedsAttention, NotFound, RetryLater, ValidationError
+from storage.vocabulary import ROOM_LIST_EVENTS
 from tasks.runtime import Runtime
-from tasks.subscribe import ROOM_LIST_EVENTS, SubscriptionSpec, name_errors, spec_errors
+from tasks.subscribe import SubscriptionSpec, name_errors, spec_errors
 
 log = logging.getLogger(__name__)
 

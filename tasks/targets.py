@@ -23,7 +23,7 @@ from typing import Any
 
 import requests
 
-from tasks.errors import (
+from storage.errors import (
     NeedsAttention,
     ServerError,
     TransportError,

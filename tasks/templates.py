@@ -15,7 +15,7 @@ brackets, so ``[mention name]`` works). That is all a template can do:
 * **No conversions and no format specs.** ``{x!r}`` and ``{x:>10}`` are refused when the
   template is compiled. Specs add nothing a chat message needs and can make rendering cost
   memory (``{x:>999999999}``).
-* **Errors are loud.** Bad syntax is a :class:`~tasks.errors.ValidationError` at compile time
+* **Errors are loud.** Bad syntax is a :class:`~storage.errors.ValidationError` at compile time
   with the character position. A missing key, an index out of range or a lookup on a
   non-object at render time is a :class:`TemplateError` (also a ``ValidationError``) naming the
   field: rendering ``""`` would send a wrong message and hide the mistake, so the caller
@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
 
 MAX_TEMPLATE_CHARS = 10_000
 MAX_RENDERED_CHARS = 100_000

@@ -18,7 +18,7 @@ from celery.exceptions import Retry
 
 import tasks.celery_tasks  # noqa: F401  (registers the shared tasks)
 from emulator import EmulatorServer, ManualClock
-from tasks.errors import BucketEmpty, NotFound, RateLimited, ValidationError
+from storage.errors import BucketEmpty, NotFound, RateLimited, ValidationError
 from tasks.runtime import Runtime
 from tests.actions_support import add_connection, make_settings
 from worker.app import ACTION_QUEUE, create_app

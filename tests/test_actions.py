@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 
 from emulator import EmulatorServer, ManualClock
-from tasks.actions import Actions, run_action
-from tasks.errors import (
+from storage.errors import (
     BucketEmpty,
     NeedsAttention,
     NotFound,
     RateLimited,
     ValidationError,
 )
+from tasks.actions import Actions, run_action
 from tasks.runtime import Runtime
 from tests.actions_support import BodySpy, add_connection, make_runtime
 

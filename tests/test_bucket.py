@@ -19,10 +19,10 @@ import redis
 from fakeredis.commands_mixins import server_mixin
 from redis.crc import key_slot
 
-from tasks.bucket import TakeResult, TokenBucket, redis_errors
-from tasks.errors import BucketEmpty, RetryLater, StorageUnavailable
+from storage.errors import BucketEmpty, RetryLater, StorageUnavailable
+from tasks.bucket import TakeResult, TokenBucket
 from tasks.keys import Keys
-from tasks.redis_conn import connect
+from tasks.redis_conn import connect, redis_errors
 from tasks.settings import Settings
 
 CONN = 42

@@ -20,7 +20,7 @@ from cryptography.fernet import Fernet
 
 from emulator import EmulatorServer
 from storage import subscriptions as subs
-from storage.models import OUTBOX_STATES
+from storage.vocabulary import OutboxState
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 from worker.cli import main
@@ -167,7 +167,7 @@ def test_an_empty_token_option_does_not_fall_back_to_the_environment(
 
 def test_connection_add_bad_url_and_duplicate_name_exit_2(cli: Cli, ops: EmulatorServer) -> None:
     code, _, err = cli("connection", "add", "x", "--base-url", "ftp://h", "--token", TOKEN)
-    assert (code, err) == (2, "error: bad base URL 'ftp://h': expected http(s)://host[/path]\n")
+    assert (code, err) == (2, "error: bad base URL: expected http(s)://host[/path]\n")
 
     code, _, err = cli("connection", "add", "ops", "--base-url", ops.base_url, "--token", TOKEN)
     assert (code, err) == (2, "error: a connection named 'ops' already exists\n")
@@ -300,7 +300,7 @@ def test_subscribe_bad_input_lists_every_problem_and_exits_2(cli: Cli, ops: Emul
         "supported (RE2 does not backtrack)",
         "error: message template: field {item.__class__} at position 0: '__class__' is not an "
         "event field (names starting with '_' are refused)",
-        "error: color must be one of yellow, green, red, purple, gray, random",
+        "error: color must be one of yellow, green, red, purple, gray, random, not 'blue'",
         "error: room_created watches the room list and takes no room",
         "error: a filter applies only to room_message",
     ]
@@ -498,7 +498,7 @@ def test_status(cli: Cli, three_subs: EmulatorServer) -> None:
     )
     assert report["subscriptions"] == {"active": 3}
     assert report["outbox"] == dict.fromkeys(
-        OUTBOX_STATES, 0
+        (s.value for s in OutboxState), 0
     )  # every state listed, nothing polled yet
 
 

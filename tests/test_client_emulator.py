@@ -17,8 +17,7 @@ import pytest
 import requests
 
 from emulator import EmulatorServer
-from tasks.client import HipChatClient
-from tasks.errors import (
+from storage.errors import (
     AuthFailed,
     BadRequest,
     Forbidden,
@@ -29,6 +28,7 @@ from tasks.errors import (
     ServerError,
     TransportError,
 )
+from tasks.client import HipChatClient
 from tasks.hipchat_types import RateLimitInfo
 
 Factory = Callable[..., HipChatClient]

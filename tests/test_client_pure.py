@@ -14,8 +14,8 @@ from email.message import EmailMessage
 
 import pytest
 
+from storage.errors import MalformedResponse, ValidationError
 from tasks import client_inputs as inputs
-from tasks.errors import MalformedResponse, ValidationError
 from tasks.hipchat_types import RateLimitInfo
 from tasks.pagination import Envelope, NextPage, next_page, parse_envelope, same_origin_url
 from tasks.ratelimit_headers import (

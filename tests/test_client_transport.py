@@ -21,9 +21,7 @@ import requests
 from requests.adapters import BaseAdapter, HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
-from tasks.client import HipChatClient
-from tasks.client_http import new_session
-from tasks.errors import (
+from storage.errors import (
     AuthFailed,
     BadRequest,
     BucketEmpty,
@@ -37,6 +35,8 @@ from tasks.errors import (
     TransportError,
     ValidationError,
 )
+from tasks.client import HipChatClient
+from tasks.client_http import new_session
 from tasks.hipchat_types import RateLimitInfo
 
 TOKEN = "tok-S3CRET-9f8e7d6c5b4a"

@@ -13,9 +13,9 @@ import pytest
 
 from emulator import EmulatorServer
 from storage import outbox
+from storage.errors import BucketEmpty, RateLimited
 from tasks import delivery
 from tasks.delivery import DrainResult, backoff_seconds, drain
-from tasks.errors import BucketEmpty, RateLimited
 from tests.pipeline_support import (
     ROOM,
     Backend,

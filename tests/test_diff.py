@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from storage.errors import ValidationError
 from tasks.diff import (
     LatestDiff,
     Watermark,
@@ -19,7 +20,6 @@ from tasks.diff import (
     next_watermark,
     prime_watermark,
 )
-from tasks.errors import ValidationError
 from tasks.hipchat_types import Message, format_datetime
 
 T0 = datetime(2018, 1, 9, 4, 29, 16, 864014, tzinfo=UTC)

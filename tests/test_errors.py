@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from tasks import errors
+from storage import errors
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
 from tasks.filters import (
     MAX_PATTERN_CHARS,
     MAX_TEXT_CHARS,

@@ -17,8 +17,8 @@ import pytest
 from emulator import EmulatorServer
 from storage import connections as conns
 from storage import subscriptions as subs
+from storage.errors import InvalidInput, RetryLater, ServerError, ValidationError
 from tasks import handlers
-from tasks.errors import InvalidInput, RetryLater, ServerError, ValidationError
 from tasks.events import message_event
 from tasks.handlers import call_handler, on, sync_handlers
 from tasks.hipchat_types import Message

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from tasks.errors import StorageUnavailable
+from storage.errors import StorageUnavailable
 from tasks.keys import Keys
 from tasks.lease import PollLease
 from tasks.redis_conn import connect

@@ -13,8 +13,8 @@ import pytest
 
 from storage import outbox
 from storage import subscriptions as subs
+from storage.errors import BucketEmpty, RetryLater, ServerError
 from tasks import poll as poll_module
-from tasks.errors import BucketEmpty, RetryLater, ServerError
 from tasks.poll import PollResult
 from tests.pipeline_support import (
     ROOM,

@@ -22,8 +22,8 @@ from emulator import EmulatorServer
 from storage import connections as conns
 from storage import subscriptions as subs
 from storage.crypto import generate_key
+from storage.errors import ValidationError
 from storage.models import Connection, Subscription
-from tasks.errors import ValidationError
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 from worker import recipes

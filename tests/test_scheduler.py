@@ -15,10 +15,10 @@ from sqlalchemy import update
 
 from storage import connections as conns
 from storage import outbox
+from storage.errors import ServerError
 from storage.models import OutboxEvent
 from tasks import celery_tasks
 from tasks.delivery import drain
-from tasks.errors import ServerError
 from tasks.poll import poll_connection
 from tasks.runtime import Runtime
 from tests.pipeline_support import (

@@ -11,8 +11,8 @@ from storage import connections as conns
 from storage import outbox, subscriptions, watermarks
 from storage.crypto import TokenCipher, generate_key
 from storage.db import Database
+from storage.errors import ValidationError
 from storage.models import Connection, OutboxEvent, Subscription, Watermark
-from tasks.errors import ValidationError
 from tests.test_storage_support import (  # noqa: F401 - fixtures
     cipher_fixture,
     conn_fixture,
@@ -67,7 +67,7 @@ def test_bad_base_urls_are_refused(db: Database, cipher: TokenCipher, url: str) 
 
 @pytest.mark.parametrize("token", ["", "   ", "two words"])
 def test_bad_tokens_are_refused_without_echo(db: Database, cipher: TokenCipher, token: str) -> None:
-    with pytest.raises(ValidationError, match="bad token") as caught, db.session() as s:
+    with pytest.raises(ValidationError, match="the token must be") as caught, db.session() as s:
         conns.add_connection(s, "ok", "https://h.example", token, cipher)
     assert "two words" not in str(caught.value)
 

@@ -15,7 +15,7 @@ from storage.crypto import (
     generate_key,
     load_or_create_key,
 )
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
 
 TOKEN = "s3cr3t-personal-access-token"
 

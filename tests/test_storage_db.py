@@ -16,8 +16,8 @@ from sqlalchemy.exc import StatementError
 from storage import connections, watermarks
 from storage.crypto import TokenCipher
 from storage.db import Database, alembic_config, head_revision
+from storage.errors import NeedsAttention, StorageUnavailable, ValidationError
 from storage.models import Base, Connection, Watermark
-from tasks.errors import NeedsAttention, StorageUnavailable, ValidationError
 from tests.test_storage_support import (  # noqa: F401 - fixtures
     cipher_fixture,
     conn_fixture,

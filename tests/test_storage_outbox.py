@@ -11,9 +11,9 @@ from sqlalchemy import func, select
 from storage import connections, outbox, subscriptions, watermarks
 from storage.crypto import TokenCipher
 from storage.db import Database
+from storage.errors import ValidationError
 from storage.models import OutboxEvent, Subscription, Watermark
 from storage.outbox import NewEvent
-from tasks.errors import ValidationError
 from tests.test_storage_support import (  # noqa: F401 - fixtures
     cipher_fixture,
     conn_fixture,

@@ -13,8 +13,8 @@ from storage import outbox
 from storage import subscriptions as subs
 from storage.crypto import TokenCipher
 from storage.db import Database
+from storage.errors import ValidationError
 from storage.models import Connection, OutboxEvent, Subscription
-from tasks.errors import ValidationError
 from tests.test_storage_support import (  # noqa: F401 - fixtures
     cipher_fixture,
     conn_fixture,
@@ -68,7 +68,7 @@ def test_room_list_events_need_no_room(db: Database, conn: Connection) -> None:
         ({"event": "room_sneeze"}, "unknown event"),
         ({"event": "room_message", "room": None}, "needs a room"),
         ({"event": "room_enter", "room": "  "}, "needs a room"),
-        ({"target_kind": "email"}, "unknown target kind"),
+        ({"target_kind": "email"}, "unknown target 'email'"),
         ({"target": ["not", "a", "dict"]}, "target must be a JSON object"),
         ({"target": {"when": datetime(2024, 1, 1, tzinfo=UTC)}}, "only JSON values"),
         ({"backfill": -1}, "backfill must be within"),

@@ -11,9 +11,9 @@ from storage import connections as conns
 from storage import rooms, watermarks
 from storage.crypto import TokenCipher
 from storage.db import Database
+from storage.errors import ValidationError
 from storage.models import Connection
 from storage.rooms import ParticipantSnapshot, RoomSnapshot
-from tasks.errors import ValidationError
 from tests.test_storage_support import (  # noqa: F401 - fixtures
     cipher_fixture,
     conn_fixture,

@@ -12,7 +12,7 @@ import pytest
 
 from emulator import EmulatorServer
 from storage import subscriptions as subs
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
 from tasks.filters import compile_filter
 from tasks.runtime import Runtime
 from tasks.subscribe import SubscriptionSpec, spec_errors, validate_spec
@@ -188,11 +188,11 @@ def test_valid_specs_have_no_errors(good: SubscriptionSpec) -> None:
         ),
         (
             {"target": {"action": "send_notification", "message": "x", "color": "blue"}},
-            "color must be one of yellow, green, red, purple, gray, random",
+            "color must be one of yellow, green, red, purple, gray, random, not 'blue'",
         ),
         (
             {"target": {"action": "send_notification", "message": "x", "format": "md"}},
-            "format must be text or html",
+            "format must be text or html, not 'md'",
         ),
         (
             {"target": {"action": "send_notification", "message": "x", "notify": "yes"}},
@@ -237,15 +237,15 @@ def test_every_problem_is_listed_at_once() -> None:
 
     assert caught.value.errors == [
         "room_created watches the room list and takes no room",
+        "backfill must be within 0..1000",
         "a filter applies only to room_message",
         "invalid filter '(a+': missing ): (a+",
-        "backfill must be within 0..1000",
         "message template: field {item.__class__} at position 0: '__class__' is not an event "
         "field (names starting with '_' are refused)",
         "from template: template error at position 0: '{' is not closed (write '{{' for a "
         "literal brace)",
-        "color must be one of yellow, green, red, purple, gray, random",
-        "format must be text or html",
+        "color must be one of yellow, green, red, purple, gray, random, not 'blue'",
+        "format must be text or html, not 'md'",
     ]
     assert str(caught.value).startswith("invalid subscription: room_created watches")
 

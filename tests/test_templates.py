@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tasks.errors import ValidationError
+from storage.errors import ValidationError
 from tasks.events import message_event
 from tasks.filters import compile_filter
 from tasks.hipchat_types import Message

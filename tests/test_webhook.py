@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from storage.errors import ServerError
 from tasks import celery_tasks
 from tasks.delivery import drain
-from tasks.errors import ServerError
 from tasks.runtime import Runtime
 from tasks.targets import EVENT_HEADER, SIGNATURE_HEADER
 from tests.pipeline_support import (

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from tasks.errors import HipChatPollerError, InvalidInput, ValidationError
+from storage.errors import HipChatPollerError, InvalidInput, ValidationError
 from worker import cli_actions, cli_connections, cli_run, recipes
 
 Handler = Callable[[argparse.Namespace], int]

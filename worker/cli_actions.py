@@ -8,10 +8,10 @@ import argparse
 import json
 from typing import Any
 
+from storage.errors import ValidationError
 from tasks.actions import Actions
 from tasks.client_inputs import COLORS
 from tasks.client_inputs import MESSAGE_FORMATS as FORMATS
-from tasks.errors import ValidationError
 from worker.cli_connections import runtime
 
 

@@ -14,12 +14,13 @@ from urllib.parse import urlsplit, urlunsplit
 from storage import connections as conns
 from storage import outbox
 from storage import subscriptions as subs
+from storage.errors import ValidationError
+from storage.vocabulary import Event
 from tasks.client_inputs import COLORS
 from tasks.client_inputs import MESSAGE_FORMATS as FORMATS
-from tasks.errors import ValidationError
 from tasks.runtime import Runtime
 from tasks.settings import Settings
-from tasks.subscribe import EVENTS, SubscriptionSpec, name_errors, spec_errors
+from tasks.subscribe import SubscriptionSpec, name_errors, spec_errors
 from tasks.subscriptions_api import create_subscriptions
 
 TOKEN_ENV = "HIPCHAT_POLLER_TOKEN"  # noqa: S105 (a variable name, not a secret)
@@ -60,7 +61,7 @@ def register(sub: Any) -> None:
         action="append",
         required=True,
         # No `choices`: an unknown event is reported together with every other problem.
-        help=f"repeat for several events: {', '.join(sorted(EVENTS))}",
+        help=f"repeat for several events: {', '.join(sorted(Event))}",
     )
     s.add_argument("--room", help="room name or id (room events)")
     s.add_argument("--filter", help="regex for room_message; its groups become `matches`")
@@ -111,10 +112,7 @@ def read_token(args: argparse.Namespace) -> str:
         token = os.environ.get(var, "")
         if not token:
             raise ValidationError(f"no token: pass --token, --token-stdin, or set ${var}")
-    token = token.strip()
-    if not token or any(c.isspace() for c in token) or len(token) > 256:
-        raise ValidationError("the token must be 1..256 characters without spaces")
-    return token
+    return conns.validate_token(token.strip())
 
 
 def cmd_connection_add(args: argparse.Namespace) -> int:

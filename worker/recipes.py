@@ -34,8 +34,8 @@ from sqlalchemy.orm import Session
 
 from storage import connections as conns
 from storage import subscriptions as subs
+from storage.errors import NeedsAttention, NotFound, RetryLater, ValidationError
 from storage.models import Subscription
-from tasks.errors import NeedsAttention, NotFound, RetryLater, ValidationError
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import stored_target
 from worker.cli_connections import runtime

@@ -21,14 +21,13 @@ from typing import Any
 
 from yaml.nodes import Node, SequenceNode
 
-from storage.connections import _validate_base_url, validate_name
-from tasks.errors import ValidationError
+from storage.connections import normalise_base_url, token_problem, validate_name
+from storage.errors import ValidationError
 from tasks.subscribe import SubscriptionSpec, spec_errors, target_errors
 from worker.yaml_reader import YamlReader, describe, is_null, line_of, plain_value
 
 RECIPE_PREFIX = "recipe:"  # ':' is refused in names people type, so these never collide
 NAME_MAX_CHARS = 64  # the subscriptions.name column
-TOKEN_MAX_CHARS = 256
 DEFAULT_CREDENTIALS_KEY = "default"  # Factor's single form {hipchat: {api_key: ...}}
 
 TOP_KEYS = ("credentials", "connections", "subscriptions")
@@ -173,7 +172,7 @@ class _Document:
         if url is None:
             return None
         try:
-            return _validate_base_url(url)
+            return normalise_base_url(url)
         except ValidationError:
             # The URL is not echoed: a mistyped one may carry credentials in it.
             self.r.error(value_node, f"{what}: bad base_url, expected http(s)://host[/path]")
@@ -205,8 +204,9 @@ class _Document:
         return self._checked_token(node, f"{what}: the api_key {key!r} in the credentials", token)
 
     def _checked_token(self, node: Node, what: str, token: str) -> str | None:
-        if len(token) > TOKEN_MAX_CHARS or any(c.isspace() for c in token):
-            self.r.error(node, f"{what} must be 1..{TOKEN_MAX_CHARS} characters without spaces")
+        problem = token_problem(token)
+        if problem is not None:
+            self.r.error(node, f"{what} {problem}")
             return None
         return token
 

@@ -19,8 +19,11 @@
         └── ValidationError            we refused it before calling anyone (bad regex,
                                        bad colour, bad template, bad recipes file)
 
+It lives in ``storage``, the lowest layer, so that every layer (storage, tasks, worker) raises
+and catches the same classes while imports still flow one way: worker -> tasks -> storage.
+
 Third-party errors are translated into this tree in exactly one place each, with
-``raise ... from``: requests in :mod:`tasks.client`, redis in :mod:`tasks.bucket`,
+``raise ... from``: requests in :mod:`tasks.client_http`, redis in :mod:`tasks.redis_conn`,
 SQLAlchemy in :mod:`storage.db`.
 
 No message built here ever contains a token: callers pass what they know (status,
