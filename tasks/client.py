@@ -181,6 +181,10 @@ class HipChatClient:
         reply = self._request("GET", f"/room/{inputs.room_segment(room)}")
         return self._http.parse(reply, Room.parse)
 
+    def find_room(self, room: str) -> Room:
+        """A room as a person names it: a string of digits is its id, anything else its name."""
+        return self.get_room(inputs.room_ref(room))
+
     def create_room(self, name: str, *, privacy: str = "public", topic: str | None = None) -> int:
         body = inputs.create_room_body(name, privacy, topic)
         reply = self._request("POST", "/room", json_body=body)

@@ -66,6 +66,12 @@ def _id_or_text(value: object, what: str, max_chars: int) -> str:
     return quote(str(value), safe="")
 
 
+def room_ref(room: str) -> RoomRef:
+    """What a person typed for a room: digits are an id, anything else a name."""
+    text = room.strip()
+    return int(text) if text.isdigit() else room
+
+
 def room_segment(room: RoomRef) -> str:
     """A room id or name as one percent-encoded path segment."""
     return _id_or_text(room, "room", ROOM_REF_MAX_CHARS)

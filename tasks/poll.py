@@ -373,7 +373,7 @@ def resolve_rooms(rt: Runtime, poll: Poll, views: list[SubView]) -> list[SubView
         room = str(view.room_id) if view.room_id is not None else view.room or ""
         if room not in resolved:
             try:
-                found = poll.client.get_room(int(room) if room.isdigit() else room)
+                found = poll.client.find_room(room)
             except NotFound:
                 poll._room_gone(0, [view])
                 continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -69,6 +69,38 @@ def stored_target(rt: Runtime, kind: str, target: dict[str, Any]) -> dict[str, A
     return stored
 
 
+RoomIds = dict[str, tuple[int, str] | None]
+
+
+def lookup_rooms(
+    rt: Runtime, connection_id: int, base_url: str, token: str, rooms: Sequence[str]
+) -> tuple[RoomIds, list[str]]:
+    """Ask HipChat for rooms as a person named them, at subscription time: ``(found,
+    unknown)``. ``found`` maps each room to its id and HipChat's name, or to None when
+    HipChat cannot answer now (the first poll resolves it); ``unknown`` lists the rooms
+    HipChat does not know, refused now while the person can still fix them. Every call
+    takes from the connection's budget."""
+    found: RoomIds = {}
+    unknown: list[str] = []
+    with rt.client(connection_id, base_url, token) as client:
+        for room in rooms:
+            try:
+                got = client.find_room(room)
+            except NotFound:
+                unknown.append(room)
+            except (RetryLater, NeedsAttention) as exc:
+                log.warning(
+                    "connection %s: rooms not resolved now (%s); the first poll resolves them",
+                    connection_id,
+                    exc,
+                )
+                found.update({r: None for r in rooms if r not in found and r not in unknown})
+                break
+            else:
+                found[room] = (got.id, got.name)
+    return found, unknown
+
+
 def resolve_room(rt: Runtime, connection_id: int, room: str) -> tuple[int | None, str]:
     """The room's id and canonical name, asked of HipChat; (None, room) if it can't answer now.
 
@@ -79,15 +111,10 @@ def resolve_room(rt: Runtime, connection_id: int, room: str) -> tuple[int | None
         if row is None:
             raise ValidationError(f"no connection {connection_id}")
         base_url, token = row.base_url, conns.decrypt_token(row, rt.cipher)
-    try:
-        with rt.client(connection_id, base_url, token) as client:
-            found = client.get_room(int(room) if room.isdigit() else room)
-    except NotFound as exc:
-        raise ValidationError(f"room {room!r} not found on this connection") from exc
-    except (RetryLater, NeedsAttention) as exc:
-        log.warning("room %r not resolved now (%s); the first poll will resolve it", room, exc)
-        return None, room
-    return found.id, found.name
+    found, unknown = lookup_rooms(rt, connection_id, base_url, token, [room])
+    if unknown:
+        raise ValidationError(f"room {room!r} not found on this connection")
+    return found.get(room) or (None, room)
 
 
 def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[SubView]:

@@ -34,10 +34,10 @@ from sqlalchemy.orm import Session
 
 from storage import connections as conns
 from storage import subscriptions as subs
-from storage.errors import NeedsAttention, NotFound, RetryLater, ValidationError
+from storage.errors import ValidationError
 from storage.models import Subscription
 from tasks.runtime import Runtime
-from tasks.subscriptions_api import stored_target
+from tasks.subscriptions_api import lookup_rooms, stored_target
 from worker.cli_connections import runtime
 from worker.recipes_load import (
     RECIPE_PREFIX,
@@ -401,34 +401,6 @@ def resolve_rooms(
         f"{recipes.where(line)}: subscription {name}: room {room!r} not found on connection {conn}"
         for line, name, room, conn in sorted(errors)
     ]
-
-
-def lookup_rooms(
-    rt: Runtime, connection_id: int, base_url: str, token: str, rooms: Sequence[str]
-) -> tuple[dict[str, tuple[int, str] | None], list[str]]:
-    """Like :func:`tasks.subscriptions_api.resolve_room` for several rooms, with the base URL
-    and token from the file (the stored ones may be about to change). Returns each room's id
-    (None if HipChat cannot answer now: the first poll resolves it) and the rooms HipChat does
-    not know."""
-    found: dict[str, tuple[int, str] | None] = {}
-    unknown: list[str] = []
-    with rt.client(connection_id, base_url, token) as client:
-        for room in rooms:
-            try:
-                got = client.get_room(int(room) if room.isdigit() else room)
-            except NotFound:
-                unknown.append(room)
-            except (RetryLater, NeedsAttention) as exc:
-                log.warning(
-                    "connection %s: rooms not resolved now (%s); the first poll resolves them",
-                    connection_id,
-                    exc,
-                )
-                found.update({r: None for r in rooms if r not in found and r not in unknown})
-                break
-            else:
-                found[room] = (got.id, got.name)
-    return found, unknown
 
 
 def _raise_unknown(errors: list[str]) -> None:
