@@ -1,6 +1,5 @@
 """Helpers for the end-to-end tests (``tests/test_e2e.py``): real processes, real sockets.
 
-* :func:`wait_for`: poll a condition until it holds or a timeout passes (never a bare sleep).
 * :class:`WebhookReceiver`: an HTTP server in the test process recording every POST and
   checking its HMAC signature.
 * :func:`claim_redis_db`: a Redis database reserved for this run by a lock key, because
@@ -29,43 +28,18 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
-
-T = TypeVar("T")
 
 SIGNATURE_HEADER = "X-HipChat-Poller-Signature"
 CELERY_KEYS = ("hipchat.polls", "hipchat.actions", "unacked", "unacked_index", "unacked_mutex")
 CELERY_KEY_PATTERNS = ("_kombu.*", "celery-task-meta-*")
 LOCK_KEY = "hipchat-poller-e2e:lock"
-
-
-# -- waiting ----------------------------------------------------------------------------------
-def wait_for(
-    condition: Callable[[], T],
-    timeout: float,
-    what: str,
-    *,
-    step: float = 0.1,
-    describe: Callable[[], str] | None = None,
-) -> T:
-    """Call ``condition`` until it returns something truthy; return that value.
-
-    On timeout, fail with ``what`` and, if given, ``describe()`` (the state that matters)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            detail = f"\n{describe()}" if describe is not None else ""
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{detail}")
-        time.sleep(step)
 
 
 def max_calls_in_window(times: Iterable[float], window: float) -> tuple[int, float | None]:

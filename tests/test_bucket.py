@@ -24,6 +24,7 @@ from tasks.bucket import TakeResult, TokenBucket
 from tasks.keys import Keys
 from tasks.redis_conn import connect, redis_errors
 from tasks.settings import Settings
+from tests.waiting import wait_for
 
 CONN = 42
 HOUR = 3600.0
@@ -43,13 +44,6 @@ def timed(r: redis.Redis, call: Callable[[], TakeResult]) -> tuple[int, TakeResu
     before = now_us(r)
     result = call()
     return before, result, now_us(r)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -140,7 +134,7 @@ def test_waits_agree_as_time_passes(any_redis: redis.Redis, keys: Keys) -> None:
     bucket = make(any_redis, keys, capacity=1, window=60.0)
     assert bucket.take(CONN).allowed
     lo1, first, hi1 = timed(any_redis, lambda: bucket.peek(CONN))
-    wait_until(lambda: now_us(any_redis) > hi1 + 2_000)
+    wait_for(lambda: now_us(any_redis) > hi1 + 2_000, 3.0, "2 ms of Redis TIME", step=0.005)
     lo2, second, hi2 = timed(any_redis, lambda: bucket.peek(CONN))
     assert second.retry_after < first.retry_after
     # first.retry_after + t1 == second.retry_after + t2 with t1 in [lo1, hi1], t2 in [lo2, hi2].
@@ -154,7 +148,12 @@ def test_tokens_come_back_when_the_window_slides(any_redis: redis.Redis, keys: K
     assert bucket.take(CONN).allowed
     _, refused, hi = timed(any_redis, lambda: bucket.take(CONN))
     assert not refused.allowed
-    wait_until(lambda: now_us(any_redis) >= hi + us(refused.retry_after))
+    wait_for(
+        lambda: now_us(any_redis) >= hi + us(refused.retry_after),
+        3.0,
+        "the retry_after to pass in Redis TIME",
+        step=0.005,
+    )
     assert bucket.take(CONN).allowed
 
 
@@ -345,7 +344,12 @@ def test_keys_expire_when_idle(any_redis: redis.Redis, keys: Keys) -> None:
     short = make(any_redis, keys, capacity=5, window=0.1)
     short.take(7)
     short.observe(7, remaining=3, reset_at=now_us(any_redis) / 1_000_000 + 0.1)
-    wait_until(lambda: any_redis.exists(keys.bucket_log(7), keys.bucket_ceiling(7)) == 0)
+    wait_for(
+        lambda: any_redis.exists(keys.bucket_log(7), keys.bucket_ceiling(7)) == 0,
+        3.0,
+        "the bucket keys to expire",
+        step=0.005,
+    )
 
 
 def test_survives_a_script_cache_flush(key_prefix: str) -> None:

@@ -44,8 +44,8 @@ from tests.e2e_support import (
     claim_redis_db,
     max_calls_in_window,
     tail,
-    wait_for,
 )
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -44,7 +44,8 @@ from cryptography.fernet import Fernet
 
 from emulator import EmulatorServer
 from tests.conftest import POSTGRES_ADMIN_URL
-from tests.e2e_support import ClaimedDb, Service, WebhookReceiver, claim_redis_db, tail, wait_for
+from tests.e2e_support import ClaimedDb, Service, WebhookReceiver, claim_redis_db, tail
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

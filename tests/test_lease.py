@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +15,7 @@ from tasks.keys import Keys
 from tasks.lease import PollLease
 from tasks.redis_conn import connect
 from tasks.settings import Settings
+from tests.waiting import wait_for
 
 CONN = 7
 
@@ -28,13 +28,6 @@ def keys(key_prefix: str) -> Keys:
 @pytest.fixture
 def lease(any_redis: redis.Redis, keys: Keys) -> PollLease:
     return PollLease(any_redis, keys)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def race(threads: int, attempt: Callable[[int], bool]) -> list[bool]:
@@ -85,7 +78,7 @@ def test_extend_checks_the_owner(lease: PollLease, any_redis: redis.Redis, keys:
 
 def test_lease_expires_and_a_late_owner_cannot_touch_the_next_one(lease: PollLease) -> None:
     assert lease.acquire(CONN, "slow", 0.05)
-    wait_until(lambda: lease.acquire(CONN, "next", 30))
+    wait_for(lambda: lease.acquire(CONN, "next", 30), 3.0, "the lease to expire", step=0.005)
     assert not lease.release(CONN, "slow")
     assert not lease.extend(CONN, "slow", 30)
     assert lease.release(CONN, "next")
@@ -131,7 +124,12 @@ def test_racing_intervals_never_go_backwards(
 
 def test_claim_expires(lease: PollLease, any_redis: redis.Redis, keys: Keys) -> None:
     assert lease.claim_interval(CONN, 3, 0.05)
-    wait_until(lambda: any_redis.exists(keys.poll_slot(CONN)) == 0)
+    wait_for(
+        lambda: any_redis.exists(keys.poll_slot(CONN)) == 0,
+        3.0,
+        "the poll slot to expire",
+        step=0.005,
+    )
     assert lease.claim_interval(CONN, 3, 60)
 
 

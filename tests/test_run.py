@@ -22,7 +22,8 @@ from cryptography.fernet import Fernet
 
 from emulator import EmulatorServer
 from tests.conftest import POSTGRES_ADMIN_URL
-from tests.e2e_support import Service, claim_redis_db, tail, wait_for
+from tests.e2e_support import Service, claim_redis_db, tail
+from tests.waiting import wait_for
 from worker.demo import EXPECTED, run_demo
 
 pytestmark = pytest.mark.e2e
