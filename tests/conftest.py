@@ -15,7 +15,9 @@ import fakeredis
 import pytest
 import redis
 
-pytest_plugins = ["tests.fixtures_emulator"]
+# Fixture modules, registered here so that test modules use their fixtures without importing
+# (or re-exporting) them.
+pytest_plugins = ["tests.fixtures_emulator", "tests.storage_support", "tests.pipeline_support"]
 
 REDIS_URL = os.environ.get("HIPCHAT_POLLER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_ADMIN_URL = os.environ.get(

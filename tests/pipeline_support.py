@@ -1,15 +1,14 @@
 """Fixtures shared by the pipeline tests (poll, delivery, scheduler, webhook); no tests here.
 
-Test modules import what they use by name, e.g.
-``from tests.pipeline_support import backend_fixture, pipeline_fixture`` (pytest registers
-each under the ``name=`` given here).
+A pytest plugin (``pytest_plugins`` in ``tests/conftest.py``): test modules request the
+fixtures by the ``name=`` given here and import only the helpers (``Pipeline``, ``ROOM``...).
 
 * ``backend``: one storage pair per test, parametrized over SQLite + fakeredis and
   PostgreSQL + real Redis. It hands out :class:`Runtime` objects built from
   ``Settings(data_dir=tmp_path, secret_key=<fresh Fernet key>, redis_key_prefix=key_prefix)``
-  whose ``redis`` is pre-set to the test's own client. PostgreSQL tests share one migrated
-  schema whose tables are emptied before each test (as the storage tests do); Redis keys
-  live under the test's ``key_prefix`` and are deleted afterwards.
+  whose ``redis`` is pre-set to the test's own client. PostgreSQL tests share the storage
+  tests' migrated schema (``migrated_postgres_url``), whose tables are emptied before each
+  test; Redis keys live under the test's ``key_prefix`` and are deleted afterwards.
 * ``pipeline``: a backend plus an emulator (generous rate limit) with a room ``Dev`` and a
   connection ``main`` to it, and helpers to subscribe, poll and read the outbox.
 * ``receiver``: a local HTTP server in a thread that records webhook requests and answers
@@ -43,7 +42,7 @@ from tasks.runtime import Runtime
 from tasks.settings import Settings
 from tasks.subscribe import SubscriptionSpec
 from tasks.subscriptions_api import SubView, create_subscriptions
-from tests.test_storage_support import emptied, opened, postgres_schema, sqlite_url
+from tests.storage_support import emptied, opened, sqlite_url
 
 BACKENDS = ["sqlite", "postgresql"]
 CONN = "main"
@@ -52,13 +51,6 @@ WAIT_SECONDS = 10.0
 
 
 # -- storage backends -----------------------------------------------------------------------
-
-
-@pytest.fixture(name="pipeline_pg_url", scope="session")
-def pipeline_pg_url_fixture(postgres_url: str) -> Iterator[str]:
-    """One PostgreSQL schema migrated to head for the pipeline tests of one module."""
-    with postgres_schema(postgres_url) as url, opened(url, migrate=True):
-        yield url
 
 
 @dataclass
@@ -110,7 +102,7 @@ def backend_fixture(
         )  # fmt: skip
         yield found
     else:
-        url = request.getfixturevalue("pipeline_pg_url")
+        url = request.getfixturevalue("migrated_postgres_url")
         client = request.getfixturevalue("real_redis")
         with emptied(url):
             pass

@@ -21,21 +21,8 @@ from tests.pipeline_support import (
     Backend,
     Pipeline,
     Receiver,
-    backend_fixture,
     make_pipeline,
-    pipeline_emulator_fixture,
-    pipeline_fixture,
-    pipeline_pg_url_fixture,
-    receiver_fixture,
 )
-
-__all__ = [
-    "backend_fixture",
-    "pipeline_emulator_fixture",
-    "pipeline_fixture",
-    "pipeline_pg_url_fixture",
-    "receiver_fixture",
-]
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 

@@ -20,19 +20,8 @@ from tests.pipeline_support import (
     ROOM,
     Backend,
     Pipeline,
-    backend_fixture,
     make_pipeline,
-    pipeline_emulator_fixture,
-    pipeline_fixture,
-    pipeline_pg_url_fixture,
 )
-
-__all__ = [
-    "backend_fixture",
-    "pipeline_emulator_fixture",
-    "pipeline_fixture",
-    "pipeline_pg_url_fixture",
-]
 
 HISTORY_KINDS = ("room_message", "room_file_upload", "room_notification", "room_topic_change")
 ROOM_LIST_KINDS = ("room_created", "room_archived", "room_unarchived", "room_deleted")

@@ -26,11 +26,6 @@ from tests.pipeline_support import (
     Backend,
     Pipeline,
     Receiver,
-    backend_fixture,
-    pipeline_emulator_fixture,
-    pipeline_fixture,
-    pipeline_pg_url_fixture,
-    receiver_fixture,
 )
 from worker import scheduler as scheduler_module
 from worker.app import create_app
@@ -41,14 +36,6 @@ from worker.scheduler import (
     ConnectionScheduler,
     interval_index,
 )
-
-__all__ = [
-    "backend_fixture",
-    "pipeline_emulator_fixture",
-    "pipeline_fixture",
-    "pipeline_pg_url_fixture",
-    "receiver_fixture",
-]
 
 INTERVAL = 60.0
 RELAY_EVERY = 30.0

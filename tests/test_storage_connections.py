@@ -13,12 +13,6 @@ from storage.crypto import TokenCipher, generate_key
 from storage.db import Database
 from storage.errors import ValidationError
 from storage.models import Connection, OutboxEvent, Subscription, Watermark
-from tests.test_storage_support import (  # noqa: F401 - fixtures
-    cipher_fixture,
-    conn_fixture,
-    db_fixture,
-    migrated_postgres_url_fixture,
-)
 
 TOKEN = "personal-access-token-0123456789"
 

@@ -18,13 +18,6 @@ from storage.crypto import TokenCipher
 from storage.db import Database, alembic_config, head_revision
 from storage.errors import NeedsAttention, StorageUnavailable, ValidationError
 from storage.models import Base, Connection, Watermark
-from tests.test_storage_support import (  # noqa: F401 - fixtures
-    cipher_fixture,
-    conn_fixture,
-    db_fixture,
-    empty_db_fixture,
-    migrated_postgres_url_fixture,
-)
 
 TABLES = {
     "alembic_version",

@@ -14,14 +14,6 @@ from storage.db import Database
 from storage.errors import ValidationError
 from storage.models import OutboxEvent, Subscription, Watermark
 from storage.outbox import NewEvent
-from tests.test_storage_support import (  # noqa: F401 - fixtures
-    cipher_fixture,
-    conn_fixture,
-    db_fixture,
-    migrated_postgres_url_fixture,
-    pg_db_fixture,
-    sub_fixture,
-)
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)

@@ -15,13 +15,6 @@ from storage.crypto import TokenCipher
 from storage.db import Database
 from storage.errors import ValidationError
 from storage.models import Connection, OutboxEvent, Subscription
-from tests.test_storage_support import (  # noqa: F401 - fixtures
-    cipher_fixture,
-    conn_fixture,
-    db_fixture,
-    migrated_postgres_url_fixture,
-    sub_fixture,
-)
 
 ACTION = {"action": "send_notification", "room": "Dev", "message": "pong {matches[0]}"}
 

@@ -21,22 +21,9 @@ from tests.pipeline_support import (
     Backend,
     Pipeline,
     Receiver,
-    backend_fixture,
-    pipeline_emulator_fixture,
-    pipeline_fixture,
-    pipeline_pg_url_fixture,
-    receiver_fixture,
 )
 from worker.app import create_app
 from worker.scheduler import ConnectionScheduler
-
-__all__ = [
-    "backend_fixture",
-    "pipeline_emulator_fixture",
-    "pipeline_fixture",
-    "pipeline_pg_url_fixture",
-    "receiver_fixture",
-]
 
 SECRET = "whsec-7d1e0c-do-not-leak"
 

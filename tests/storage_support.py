@@ -1,4 +1,4 @@
-"""Fixtures shared by the storage tests (no tests here).
+"""Fixtures shared by the storage and pipeline tests (no tests here).
 
 Every behaviour test runs against SQLite (a fresh file under tmp_path) and PostgreSQL.
 PostgreSQL tests use schemas in the session's database (``search_path`` set through the
@@ -6,8 +6,8 @@ URL): the ``db`` tests share one migrated schema whose tables are emptied before
 (migrating per test made DDL most of the run time); ``empty_db`` tests get a schema of their
 own, created empty and dropped afterwards. Either way no test sees another's rows.
 
-Test modules import the fixtures by their function names; pytest registers them under the
-``name=`` given here.
+A pytest plugin (``pytest_plugins`` in ``tests/conftest.py``): test modules request the
+fixtures by the ``name=`` given here and import only the helpers.
 """
 
 from __future__ import annotations
