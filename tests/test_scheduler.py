@@ -43,12 +43,12 @@ T0 = 1_900_000_020.0  # 20 s into an interval of 60 s
 
 
 class Clock:
-    """Stands in for the ``time`` module inside worker.scheduler."""
+    """The scheduler's clock: time moves only when a test moves ``now``."""
 
     def __init__(self, now: float) -> None:
         self.now = now
 
-    def time(self) -> float:
+    def __call__(self) -> float:
         return self.now
 
 
@@ -82,7 +82,7 @@ class Beat:
             return row.poll_offset_seconds % INTERVAL
 
     def start(self) -> ConnectionScheduler:
-        self.scheduler = ConnectionScheduler(self.app)
+        self.scheduler = ConnectionScheduler(self.app, clock=self.clock)
         return self.scheduler
 
     def run_until(self, end: float, step: float = 1.0) -> None:
@@ -105,7 +105,6 @@ def beat_fixture(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     app = create_app(settings)
     rt = backend.adopt(Runtime.of(app))
     clock = Clock(T0)
-    monkeypatch.setattr(scheduler_module, "time", clock)
     beat = Beat(app, rt, clock)
 
     def send_task(name: str, args: list[Any] | None = None, **options: Any) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,9 +49,12 @@ def next_start(index: int, interval: float, offset: float) -> float:
 
 
 class ConnectionScheduler(Scheduler):  # type: ignore[misc]
-    """Beat scheduler for per-connection polls plus the outbox relay."""
+    """Beat scheduler for per-connection polls plus the outbox relay.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``clock`` returns the wall-clock time in seconds (``time.time`` unless given)."""
+
+    def __init__(self, *args: Any, clock: Callable[[], float] = time.time, **kwargs: Any) -> None:
+        self.clock = clock
         self._targets: dict[int, PollTarget] = {}
         self._sent: dict[int, int] = {}
         # Not "_last_sync": celery's Scheduler uses that name (monotonic time) for its own
@@ -70,7 +74,7 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
 
             for change in sync_handlers(self.runtime, module):
                 log.info("beat: handlers: %s", change)
-        self._sync_connections(time.time())
+        self._sync_connections(self.clock())
 
     def _sync_connections(self, now: float) -> None:
         interval = self.runtime.settings.poll_interval_seconds
@@ -94,7 +98,7 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
         self._last_connection_sync = now
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
-        now = time.time()
+        now = self.clock()
         settings = self.runtime.settings
         interval = settings.poll_interval_seconds
         if now - self._last_connection_sync >= min(SYNC_EVERY_SECONDS, interval):
