@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import fakeredis
 import pytest
@@ -57,20 +58,35 @@ def any_redis(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[redis
     yield request.getfixturevalue("real_redis")
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped at the end."""
+@contextmanager
+def new_postgres_database(prefix: str) -> Iterator[str]:
+    """A new PostgreSQL database (a SQLAlchemy URL to it), dropped afterwards."""
     import psycopg
 
-    name = f"hp_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
     except psycopg.Error as exc:
         pytest.fail(f"PostgreSQL is required at {POSTGRES_ADMIN_URL} and is not answering: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
     try:
-        yield f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
+        yield f"{base}/{name}"
     finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    with new_postgres_database("hp_test") as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_postgres() -> Iterator[str]:
+    """A PostgreSQL database of this test's own, for processes that must not share one."""
+    with new_postgres_database("hp_fresh") as url:
+        yield url

@@ -36,14 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import requests
 from celery import Celery
 from cryptography.fernet import Fernet
 
 from emulator import EmulatorServer
-from tests.conftest import POSTGRES_ADMIN_URL
 from tests.e2e_support import ClaimedDb, Service, WebhookReceiver, claim_redis_db, tail
 from tests.waiting import wait_for
 
@@ -64,24 +62,6 @@ TIMEOUT = 45.0  # anything that needs a few polls
 POLL_TASK = "hipchat.poll_connection"
 DELIVER_TASK = "hipchat.deliver"
 ACTION_TASK = "hipchat.action.post_message"
-
-
-@pytest.fixture
-def fresh_postgres() -> Iterator[str]:
-    """A PostgreSQL database of this test's own (the session's one is shared)."""
-    name = f"hp_flower_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.Error as exc:
-        pytest.fail(f"PostgreSQL is required at {POSTGRES_ADMIN_URL} and is not answering: {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def free_port() -> int:

@@ -21,7 +21,6 @@ import redis
 from cryptography.fernet import Fernet
 
 from emulator import EmulatorServer
-from tests.conftest import POSTGRES_ADMIN_URL
 from tests.e2e_support import Service, claim_redis_db, tail
 from tests.waiting import wait_for
 from worker.demo import EXPECTED, run_demo
@@ -52,17 +51,6 @@ def emulator_server() -> Iterator[EmulatorServer]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def fresh_postgres() -> Iterator[str]:
-    name = f"hp_run_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield f"{base}/{name}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def cli(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
