@@ -18,6 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from celery._state import _set_task_join_will_block, task_join_will_block
 from cryptography.fernet import Fernet
 
 from emulator import EmulatorServer
@@ -34,6 +35,16 @@ E2E_DBS = [
 ]
 
 
+@pytest.fixture
+def worker_in_this_process() -> Iterator[None]:
+    """The demo runs a Celery worker in this process, which marks the process as a worker
+    (``AsyncResult.get()`` then refuses to block); the tests that follow are not workers."""
+    before = task_join_will_block()
+    yield
+    _set_task_join_will_block(before)
+
+
+@pytest.mark.usefixtures("worker_in_this_process")
 def test_demo_answers_the_ping_and_shows_every_trigger() -> None:
     lines: list[str] = []
     assert run_demo(interval=1.0, timeout=90.0, out=lines.append) == 0, "\n".join(lines)
