@@ -16,6 +16,8 @@ import fakeredis
 import pytest
 import redis
 
+from tests.redis_server import RedisServer
+
 # Fixture modules, registered here so that test modules use their fixtures without importing
 # (or re-exporting) them.
 pytest_plugins = ["tests.fixtures_emulator", "tests.storage_support", "tests.pipeline_support"]
@@ -90,3 +92,11 @@ def fresh_postgres() -> Iterator[str]:
     """A PostgreSQL database of this test's own, for processes that must not share one."""
     with new_postgres_database("hp_fresh") as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A ``redis-server`` of the module's own, for tests that start Celery processes: their
+    broker keys have fixed names, so they share a Redis with nothing else."""
+    with RedisServer(tmp_path_factory.mktemp("redis-server")) as server:
+        yield server

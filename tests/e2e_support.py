@@ -2,10 +2,7 @@
 
 * :class:`WebhookReceiver`: an HTTP server in the test process recording every POST and
   checking its HMAC signature.
-* :func:`claim_redis_db`: a Redis database reserved for this run by a lock key, because
-  Celery's broker keys (the ``hipchat.polls`` / ``hipchat.actions`` lists, ``unacked``,
-  ``_kombu.*``) have fixed names that cannot carry our key prefix.
-* :class:`RedisMonitor`: ``MONITOR`` on a raw socket, keeping every command sent to that
+* :class:`RedisMonitor`: ``MONITOR`` on a raw socket, keeping every command sent to one
   database: the broker messages exactly as they were written, and the Celery events
   (``task-received``, ``task-started``, ``task-succeeded``) that Flower would show.
 * :class:`Service`: one ``hipchat-poller worker|beat`` subprocess with its log file, stopped
@@ -27,19 +24,13 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import redis
-
 SIGNATURE_HEADER = "X-HipChat-Poller-Signature"
-CELERY_KEYS = ("hipchat.polls", "hipchat.actions", "unacked", "unacked_index", "unacked_mutex")
-CELERY_KEY_PATTERNS = ("_kombu.*", "celery-task-meta-*")
-LOCK_KEY = "hipchat-poller-e2e:lock"
 
 
 def max_calls_in_window(times: Iterable[float], window: float) -> tuple[int, float | None]:
@@ -152,54 +143,7 @@ class WebhookReceiver:
             ]
 
 
-# -- Redis: a database of our own, and what is sent to it ----------------------------------------
-@dataclass
-class ClaimedDb:
-    db: int
-    client: redis.Redis
-    owner: str
-
-    def purge(self, *patterns: str) -> list[str]:
-        """Delete Celery's fixed broker keys and the keys matching ``patterns``.
-
-        Only keys of this database, which the lock reserves for this run, are touched."""
-        deleted: list[str] = []
-        for pattern in (*patterns, *CELERY_KEY_PATTERNS):
-            for key in self.client.scan_iter(match=pattern, count=1000):
-                self.client.delete(key)
-                deleted.append(key.decode())
-        for key in CELERY_KEYS:
-            if self.client.delete(key):
-                deleted.append(key)
-        return deleted
-
-    def release(self, key_prefix: str) -> list[str]:
-        """Delete our keys (the key prefix, Celery's), then the lock."""
-        deleted = self.purge(f"{key_prefix}*")
-        if self.client.get(LOCK_KEY) == self.owner.encode():
-            self.client.delete(LOCK_KEY)
-        self.client.close()
-        return deleted
-
-
-def claim_redis_db(host: str, port: int, candidates: Sequence[int]) -> ClaimedDb:
-    """The first database of ``candidates`` whose lock key we could set (SET NX, 30 min),
-    emptied of Celery's broker keys (only e2e runs use these databases, under the lock)."""
-    owner = uuid.uuid4().hex
-    for db in candidates:
-        client = redis.Redis(host=host, port=port, db=db, socket_connect_timeout=3)
-        if client.set(LOCK_KEY, owner, nx=True, ex=1800):
-            claimed = ClaimedDb(db, client, owner)
-            # Queues left by an e2e run that died before its teardown: not ours to run.
-            claimed.purge()
-            return claimed
-        client.close()
-    raise AssertionError(
-        f"every Redis database of {list(candidates)} is held by another e2e run "
-        f"(key {LOCK_KEY!r}); wait for it or set HIPCHAT_POLLER_E2E_REDIS_DBS"
-    )
-
-
+# -- Redis: what is sent to it ----------------------------------------------------------------
 _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("a"): b"\a", ord("b"): b"\b"}
 
 

@@ -5,12 +5,13 @@ How it fits together (see docs/testing.md):
 
 * the emulator runs in this process (``srv.state`` makes rooms and messages; ``srv.state.calls``
   is the HipChat call log) and so does a webhook receiver that checks every signature;
-* the subprocesses get ``HIPCHAT_POLLER_*`` settings: a Redis database reserved for this run
-  (Celery's broker keys have fixed names), a unique key prefix, the session's fresh PostgreSQL
-  database, a Fernet key, a 2 s poll interval and a budget of 10 HipChat calls per 6 s;
+* the subprocesses get ``HIPCHAT_POLLER_*`` settings: a ``redis-server`` of the module's own
+  (``redis_server``: Celery's broker keys have fixed names), a unique key prefix, the session's
+  fresh PostgreSQL database, a Fernet key, a 2 s poll interval and a budget of 10 HipChat calls
+  per 6 s;
 * every test makes its own connection (its own emulator token), so the call log of one test's
   token is that test's traffic only; each test pauses its connection when done;
-* ``MONITOR`` records every Redis command of that database: the broker messages as written,
+* ``MONITOR`` records every Redis command sent to that server: the broker messages as written,
   and the Celery task events (what Flower shows), used to time polls and to hunt secrets.
 
 Nothing waits with a bare sleep: every wait is a condition with a generous timeout.
@@ -41,10 +42,10 @@ from tests.e2e_support import (
     Service,
     TaskRun,
     WebhookReceiver,
-    claim_redis_db,
     max_calls_in_window,
     tail,
 )
+from tests.redis_server import RedisServer
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -63,10 +64,6 @@ BUCKET_WINDOW = 6.0  # HIPCHAT_POLLER_BUCKET_WINDOW_SECONDS
 ARRIVAL_JITTER = 0.5
 TIMEOUT = 45.0  # for anything that needs a few polls; generous for a loaded 2-core machine
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-E2E_DBS = [
-    int(x) for x in os.environ.get("HIPCHAT_POLLER_E2E_REDIS_DBS", "11,12,13,14,15").split(",")
-]
 POLL_TASK = "hipchat.poll_connection"
 
 
@@ -80,22 +77,18 @@ class Conn:
 class E2E:
     """Everything a test needs: the emulator, the receiver, the CLI, the logs, the database."""
 
-    def __init__(self, tmp: Path, postgres_url: str) -> None:
+    def __init__(self, tmp: Path, postgres_url: str, redis: RedisServer) -> None:
         self.tmp = tmp
+        self.redis = redis
         self.run_id = uuid.uuid4().hex[:8]
         self.key_prefix = f"hp-e2e-{self.run_id}"
-        self.claimed = claim_redis_db(REDIS_HOST, REDIS_PORT, E2E_DBS)
-        try:
-            # The rate limit is ours to enforce (the bucket), not the emulator's.
-            self.srv = EmulatorServer(
-                port=0,
-                admin_token=f"e2e-admin-{secrets.token_hex(8)}",
-                rate_limit=1_000_000,
-                flood_limit=10_000,
-            ).start()
-        except BaseException:
-            self.claimed.release(self.key_prefix)
-            raise
+        # The rate limit is ours to enforce (the bucket), not the emulator's.
+        self.srv = EmulatorServer(
+            port=0,
+            admin_token=f"e2e-admin-{secrets.token_hex(8)}",
+            rate_limit=1_000_000,
+            flood_limit=10_000,
+        ).start()
         self.receiver = WebhookReceiver().start()
         self.fernet_key = Fernet.generate_key().decode()
         self.secrets: list[str] = [self.fernet_key, self.srv.admin_token]
@@ -103,7 +96,7 @@ class E2E:
         self.services: list[Service] = []
         self.monitor: RedisMonitor | None = None
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("HIPCHAT_POLLER_")} | {
-            "HIPCHAT_POLLER_REDIS_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.claimed.db}",
+            "HIPCHAT_POLLER_REDIS_URL": redis.url,
             "HIPCHAT_POLLER_REDIS_KEY_PREFIX": self.key_prefix,
             "HIPCHAT_POLLER_DATABASE_URL": postgres_url,
             "HIPCHAT_POLLER_SECRET_KEY": self.fernet_key,
@@ -123,8 +116,9 @@ class E2E:
 
     # -- processes --------------------------------------------------------------------------
     def start_services(self) -> None:
+        assert self.redis.port is not None
         self.monitor = RedisMonitor(
-            REDIS_HOST, REDIS_PORT, self.claimed.db, self.tmp / "redis-monitor.log"
+            self.redis.host, self.redis.port, 0, self.tmp / "redis-monitor.log"
         ).start()
         workers = [
             # Worker b logs at DEBUG, which shows the arguments of every task it runs.
@@ -169,7 +163,6 @@ class E2E:
             self.monitor.stop()
         self.receiver.stop()
         self.srv.stop()
-        self.claimed.release(self.key_prefix)
         self.rt.db.dispose()
 
     def service_logs(self) -> dict[str, str]:
@@ -323,9 +316,11 @@ class E2E:
 
 
 @pytest.fixture(scope="module")
-def e2e_env(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[E2E]:
-    """Emulator, receiver, Redis database, settings and schema; no worker yet."""
-    e2e = E2E(tmp_path_factory.mktemp("e2e"), postgres_url)
+def e2e_env(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_server: RedisServer
+) -> Iterator[E2E]:
+    """Emulator, receiver, Redis server, settings and schema; no worker yet."""
+    e2e = E2E(tmp_path_factory.mktemp("e2e"), postgres_url, redis_server)
     try:
         e2e.cli("migrate")
         yield e2e

@@ -1,7 +1,7 @@
 """Flower, run as the compose file runs it, watches real workers and never shows a secret.
 
-Real processes against one Redis database reserved for this run (``claim_redis_db``), a
-PostgreSQL database of this test's own, and the emulator in this process:
+Real processes against a ``redis-server`` and a PostgreSQL database of this test's own, and
+the emulator in this process:
 
 * ``hipchat-poller worker`` (one, concurrency 2) and ``hipchat-poller beat``;
 * Flower: ``celery -A worker.celery_app:app flower --port=P --address=127.0.0.1`` with the
@@ -42,7 +42,8 @@ from celery import Celery
 from cryptography.fernet import Fernet
 
 from emulator import EmulatorServer
-from tests.e2e_support import ClaimedDb, Service, WebhookReceiver, claim_redis_db, tail
+from tests.e2e_support import Service, WebhookReceiver, tail
+from tests.redis_server import RedisServer
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -51,10 +52,6 @@ BIN = Path(sys.executable).parent
 HIPCHAT_POLLER = str(BIN / "hipchat-poller")
 CELERY = str(BIN / "celery")
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-E2E_DBS = [
-    int(x) for x in os.environ.get("HIPCHAT_POLLER_E2E_REDIS_DBS", "11,12,13,14,15").split(",")
-]
 INTERVAL = 2.0  # HIPCHAT_POLLER_POLL_INTERVAL_SECONDS
 START_TIMEOUT = 60.0  # a Celery worker or Flower starting on a loaded 2-core machine
 TIMEOUT = 45.0  # anything that needs a few polls
@@ -111,7 +108,6 @@ class Stack:
     env: dict[str, str]
     srv: EmulatorServer
     receiver: WebhookReceiver
-    claimed: ClaimedDb
     key_prefix: str
     run_id: str
     fernet_key: str
@@ -179,12 +175,10 @@ class Stack:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, fresh_postgres: str) -> Iterator[Stack]:
+def stack(tmp_path: Path, fresh_postgres: str, redis_server: RedisServer) -> Iterator[Stack]:
     run_id = uuid.uuid4().hex[:8]
     key_prefix = f"hp-flower-{run_id}"
     with contextlib.ExitStack() as cleanup:
-        claimed = claim_redis_db(REDIS_HOST, REDIS_PORT, E2E_DBS)
-        cleanup.callback(claimed.release, key_prefix)
         srv = EmulatorServer(
             port=0,
             admin_token=f"flower-admin-{secrets.token_hex(8)}",
@@ -197,7 +191,7 @@ def stack(tmp_path: Path, fresh_postgres: str) -> Iterator[Stack]:
         fernet_key = Fernet.generate_key().decode()
         ours = ("HIPCHAT_POLLER_", "FLOWER_")  # only the settings below reach the processes
         env = {k: v for k, v in os.environ.items() if not k.startswith(ours)} | {
-            "HIPCHAT_POLLER_REDIS_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{claimed.db}",
+            "HIPCHAT_POLLER_REDIS_URL": redis_server.url,
             "HIPCHAT_POLLER_REDIS_KEY_PREFIX": key_prefix,
             "HIPCHAT_POLLER_DATABASE_URL": fresh_postgres,
             "HIPCHAT_POLLER_SECRET_KEY": fernet_key,
@@ -206,7 +200,7 @@ def stack(tmp_path: Path, fresh_postgres: str) -> Iterator[Stack]:
             "HIPCHAT_POLLER_DATA_DIR": str(tmp_path / "data"),
             "PYTHONUNBUFFERED": "1",
         }
-        stack = Stack(tmp_path, env, srv, receiver, claimed, key_prefix, run_id, fernet_key)
+        stack = Stack(tmp_path, env, srv, receiver, key_prefix, run_id, fernet_key)
         cleanup.callback(stack.close)  # runs first: every process ends before the rest
         yield stack
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import redis
 from celery._state import _set_task_join_will_block, task_join_will_block
 from cryptography.fernet import Fernet
 
 from emulator import EmulatorServer
-from tests.e2e_support import Service, claim_redis_db, tail
+from tests.e2e_support import Service, tail
+from tests.redis_server import RedisServer
 from tests.waiting import wait_for
 from worker.demo import EXPECTED, run_demo
 
@@ -30,9 +30,6 @@ pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
 TOKEN = "run-test-token"
-E2E_DBS = [
-    int(x) for x in os.environ.get("HIPCHAT_POLLER_E2E_REDIS_DBS", "11,12,13,14,15").split(",")
-]
 
 
 @pytest.fixture
@@ -171,13 +168,15 @@ def test_run_on_embedded_defaults(tmp_path: Path, emulator_server: EmulatorServe
 
 
 def test_run_with_redis_and_postgres(
-    tmp_path: Path, emulator_server: EmulatorServer, fresh_postgres: str
+    tmp_path: Path,
+    emulator_server: EmulatorServer,
+    fresh_postgres: str,
+    redis_server: RedisServer,
 ) -> None:
-    claimed = claim_redis_db("127.0.0.1", 6379, E2E_DBS)
     prefix = f"hp-run-{uuid.uuid4().hex[:8]}"
     env = base_env(
         tmp_path,
-        HIPCHAT_POLLER_REDIS_URL=f"redis://127.0.0.1:6379/{claimed.db}",
+        HIPCHAT_POLLER_REDIS_URL=redis_server.url,
         HIPCHAT_POLLER_DATABASE_URL=fresh_postgres,
         HIPCHAT_POLLER_REDIS_KEY_PREFIX=prefix,
     )
@@ -187,8 +186,8 @@ def test_run_with_redis_and_postgres(
         assert "Redis" in run.log_text()
         assert not (tmp_path / "data" / "hipchat-poller.db").exists()
         # The budget and the leases live in that Redis; the events in that PostgreSQL.
-        client = redis.Redis(host="127.0.0.1", port=6379, db=claimed.db)
-        assert any(client.scan_iter(match=f"{prefix}:*"))
+        with redis_server.client() as client:
+            assert any(client.scan_iter(match=f"{prefix}:*"))
         url = fresh_postgres.replace("postgresql+psycopg://", "postgresql://")
         with psycopg.connect(url) as conn:
             states = dict(
@@ -200,4 +199,3 @@ def test_run_with_redis_and_postgres(
     finally:
         if run is not None:
             run.stop()
-        claimed.release(prefix)
