@@ -9,8 +9,9 @@ How it fits together (see docs/testing.md):
   (``redis_server``: Celery's broker keys have fixed names), a unique key prefix, the session's
   fresh PostgreSQL database, a Fernet key, a 2 s poll interval and a budget of 10 HipChat calls
   per 6 s;
-* every test makes its own connection (its own emulator token), so the call log of one test's
-  token is that test's traffic only; each test pauses its connection when done;
+* every test gets its own connection (its own emulator token), user, room and webhook path
+  from the ``case`` fixture, so the call log of one test's token is that test's traffic only;
+  the fixture pauses the connection when the test ends;
 * ``MONITOR`` records every Redis command sent to that server: the broker messages as written,
   and the Celery task events (what Flower shows), used to time polls and to hunt secrets.
 
@@ -19,6 +20,7 @@ Nothing waits with a bare sleep: every wait is a condition with a generous timeo
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -27,7 +29,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,9 @@ import yaml
 from cryptography.fernet import Fernet
 
 from emulator import EmulatorServer
+from storage.vocabulary import ROOM_LIST_EVENTS
 from tests.e2e_support import (
+    Delivery,
     RedisMonitor,
     Service,
     TaskRun,
@@ -95,6 +99,7 @@ class E2E:
         self.cli_output: list[str] = []
         self.services: list[Service] = []
         self.monitor: RedisMonitor | None = None
+        self.labels = itertools.count(1)  # t1, t2, ...: each test's connection and webhook path
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("HIPCHAT_POLLER_")} | {
             "HIPCHAT_POLLER_REDIS_URL": redis.url,
             "HIPCHAT_POLLER_REDIS_KEY_PREFIX": self.key_prefix,
@@ -247,6 +252,9 @@ class E2E:
         rows = self.subscriptions(conn)
         return bool(rows) and all(r.primed_at is not None for r in rows)
 
+    def wait_primed(self, conn: Conn) -> None:
+        wait_for(lambda: self.all_primed(conn), TIMEOUT, "priming", describe=self.describe)
+
     def outbox(self, conn: Conn) -> list[Any]:
         from sqlalchemy import select
 
@@ -337,10 +345,74 @@ def stack(e2e_env: E2E) -> E2E:
     return e2e_env
 
 
-def _user(e2e: E2E, name: str) -> int:
-    return int(
-        e2e.srv.state.create_user(f"{name} {e2e.run_id}", mention_name=f"{name}{e2e.run_id}")["id"]
-    )
+@dataclass
+class Case:
+    """One test's own corner of the running stack: a connection with its own token (so the
+    call log of that token is this test's HipChat traffic), a user, a room, and a webhook path
+    with its own secret."""
+
+    stack: E2E
+    conn: Conn
+    alice: int
+    room: dict[str, Any]
+    path: str
+    url: str
+    secret_env: dict[str, str]
+
+    def subscribe(
+        self,
+        *target: str,
+        events: Sequence[str] = ("room_message",),
+        room: dict[str, Any] | None = None,
+    ) -> None:
+        """``hipchat-poller subscribe`` of this connection to ``events`` in ``room`` (this
+        case's unless given; room-list events name none), sent to ``target``: ``"--log"``,
+        ``"--webhook", case.url`` (signed with this case's secret), ``"--reply", ...``."""
+        args = ["subscribe", self.conn.name]
+        for event in events:
+            args += ["--event", event]
+        if not set(events) <= ROOM_LIST_EVENTS:
+            args += ["--room", (room or self.room)["name"]]
+        self.stack.cli(*args, *target, env=self.secret_env)
+
+    def wait_primed(self) -> None:
+        self.stack.wait_primed(self.conn)
+
+    def say(self, text: str) -> None:
+        """Alice posts ``text`` in the room."""
+        self.stack.srv.state.post_message(self.room["id"], self.alice, text)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The room's history, as the emulator holds it."""
+        found: list[dict[str, Any]] = self.stack.srv.state.history(self.room["id"])
+        return found
+
+    def deliveries(self, *, accepted_only: bool = True) -> list[Delivery]:
+        return self.stack.receiver.deliveries(self.path, accepted_only=accepted_only)
+
+    def history_calls(self, room: dict[str, Any] | None = None) -> list[Any]:
+        return self.stack.history_calls(self.conn, (room or self.room)["id"])
+
+    def wait_more_history_calls(self, n: int) -> None:
+        self.stack.wait_more_history_calls(self.conn, self.room["id"], n)
+
+    def quiet(self) -> None:
+        self.stack.quiet(self.conn)
+
+
+@pytest.fixture
+def case(stack: E2E) -> Iterator[Case]:
+    """This test's connection, user, room and webhook path; the connection is paused when the
+    test ends (passed or not), so the next test runs on idle workers."""
+    label = f"t{next(stack.labels)}"
+    conn = stack.add_connection(label)
+    alice = f"Alice {label} {stack.run_id}"
+    user = stack.srv.state.create_user(alice, mention_name=f"alice{label}{stack.run_id}")
+    room = stack.srv.state.create_room(f"Room {label} {stack.run_id}")
+    url, secret_env = stack.webhook(f"/{label}")
+    found = Case(stack, conn, int(user["id"]), room, f"/{label}", url, secret_env)
+    yield found
+    found.quiet()
 
 
 # -- the deployment file ----------------------------------------------------------------------
@@ -399,71 +471,41 @@ def test_dockerfile_copies_files_that_exist() -> None:
 
 
 # -- triggers -------------------------------------------------------------------------------
-def test_first_poll_primes_and_fires_nothing(stack: E2E) -> None:
-    conn = stack.add_connection("t1")
-    alice = _user(stack, "alice1")
-    room = stack.srv.state.create_room(f"Primed {stack.run_id}")
+def test_first_poll_primes_and_fires_nothing(case: Case) -> None:
     for i in range(5):
-        stack.srv.state.post_message(room["id"], alice, f"before {i}")
-    url, secret_env = stack.webhook("/t1")
-    stack.cli(
-        "subscribe",
-        conn.name,
-        "--event",
-        "room_message",
-        "--room",
-        room["name"],
-        "--webhook",
-        url,
-        env=secret_env,
-    )
+        case.say(f"before {i}")
+    case.subscribe("--webhook", case.url)
     wait_for(
-        lambda: stack.history_calls(conn, room["id"]),
+        case.history_calls,
         TIMEOUT,
         "the first poll in the emulator's call log",
-        describe=stack.describe,
+        describe=case.stack.describe,
     )
-    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "the subscription to be primed")
-    stack.wait_more_history_calls(conn, room["id"], 2)
-    assert stack.receiver.deliveries("/t1") == []
-    assert stack.outbox(conn) == []
+    case.wait_primed()
+    case.wait_more_history_calls(2)
+    assert case.deliveries() == []
+    assert case.stack.outbox(case.conn) == []
 
     # Primed: what comes after does fire, and only that.
-    stack.srv.state.post_message(room["id"], alice, "after")
-    got = wait_for(lambda: stack.receiver.deliveries("/t1"), TIMEOUT, "the message after priming")
+    case.say("after")
+    got = wait_for(case.deliveries, TIMEOUT, "the message after priming")
     assert [d.json["message"] for d in got] == ["after"]
-    stack.quiet(conn)
 
 
-def test_messages_files_and_rooms_reach_the_webhook_exactly_once(stack: E2E) -> None:
-    conn = stack.add_connection("t2")
-    alice = _user(stack, "alice2")
-    room = stack.srv.state.create_room(f"Deliveries {stack.run_id}")
-    url, secret_env = stack.webhook("/t2")
-    stack.cli(
-        "subscribe",
-        conn.name,
-        "--event",
-        "room_message",
-        "--event",
-        "room_file_upload",
-        "--room",
-        room["name"],
-        "--webhook",
-        url,
-        env=secret_env,
-    )
-    stack.cli("subscribe", conn.name, "--event", "room_created", "--webhook", url, env=secret_env)
-    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
+def test_messages_files_and_rooms_reach_the_webhook_exactly_once(case: Case) -> None:
+    stack, conn, room = case.stack, case.conn, case.room
+    case.subscribe("--webhook", case.url, events=["room_message", "room_file_upload"])
+    case.subscribe("--webhook", case.url, events=["room_created"])
+    case.wait_primed()
 
     new_room_name = f"Launch {stack.run_id}"
-    stack.srv.state.post_message(room["id"], alice, "hello one")
-    stack.srv.state.upload_file(room["id"], alice, "report.pdf", b"%PDF-1.4 e2e", message="Q3")
-    stack.srv.state.post_message(room["id"], alice, "hello two")
+    case.say("hello one")
+    stack.srv.state.upload_file(room["id"], case.alice, "report.pdf", b"%PDF-1.4 e2e", message="Q3")
+    case.say("hello two")
     new_room = stack.srv.state.create_room(new_room_name)
 
     def arrived() -> list[Any]:
-        got = stack.receiver.deliveries("/t2")
+        got = case.deliveries()
         return got if len(got) >= 4 else []
 
     got = wait_for(arrived, TIMEOUT, "4 webhook deliveries", describe=stack.describe)
@@ -476,7 +518,7 @@ def test_messages_files_and_rooms_reach_the_webhook_exactly_once(stack: E2E) -> 
     )
     undelivered = [e for e in stack.outbox(conn) if e.state != "delivered"]
     assert not undelivered, [(e.id, e.state, e.last_error) for e in undelivered]
-    got = stack.receiver.deliveries("/t2")
+    got = case.deliveries()
     assert len(got) == 4, [d.json for d in got]
     assert all(d.signature_ok for d in got), [d.headers for d in got]
     keys = [d.idempotency_key for d in got]
@@ -494,32 +536,17 @@ def test_messages_files_and_rooms_reach_the_webhook_exactly_once(stack: E2E) -> 
     (created,) = by_event["room_created"]
     assert created["item"]["room"]["id"] == new_room["id"]
     assert created["item"]["room"]["name"] == new_room_name
-    stack.quiet(conn)
 
 
-def test_three_triggers_on_one_room_cost_one_history_call_per_poll(stack: E2E) -> None:
-    conn = stack.add_connection("t3")
-    alice = _user(stack, "alice3")
-    busy = stack.srv.state.create_room(f"Busy {stack.run_id}")
+def test_three_triggers_on_one_room_cost_one_history_call_per_poll(case: Case) -> None:
+    stack, conn, busy = case.stack, case.conn, case.room
     calm = stack.srv.state.create_room(f"Calm {stack.run_id}")
-    stack.cli(
-        "subscribe",
-        conn.name,
-        "--room",
-        busy["name"],
-        "--log",
-        "--event",
-        "room_message",
-        "--event",
-        "room_file_upload",
-        "--event",
-        "room_notification",
-    )
-    stack.cli("subscribe", conn.name, "--room", calm["name"], "--log", "--event", "room_message")
+    case.subscribe("--log", events=["room_message", "room_file_upload", "room_notification"])
+    case.subscribe("--log", room=calm)
     calm_since = time.time()  # polls before this one had no subscription on the calm room
-    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
-    stack.srv.state.post_message(busy["id"], alice, "a message")
-    stack.srv.state.upload_file(busy["id"], alice, "a.txt", b"a file")
+    case.wait_primed()
+    case.say("a message")
+    stack.srv.state.upload_file(busy["id"], case.alice, "a.txt", b"a file")
     stack.srv.state.send_notification(busy["id"], "a notification")
     primed_polls = len(stack.poll_runs(conn))
     wait_for(
@@ -528,11 +555,11 @@ def test_three_triggers_on_one_room_cost_one_history_call_per_poll(stack: E2E) -
         "3 more polls",
         describe=stack.describe,
     )
-    stack.quiet(conn)
+    case.quiet()
     runs = stack.poll_runs(conn)
     assert len(runs) >= 4
-    busy_calls = [c.time for c in stack.history_calls(conn, busy["id"])]
-    calm_calls = [c.time for c in stack.history_calls(conn, calm["id"])]
+    busy_calls = [c.time for c in case.history_calls()]
+    calm_calls = [c.time for c in case.history_calls(calm)]
     for run in runs:
         assert run.started is not None
         assert run.finished is not None
@@ -560,11 +587,10 @@ def test_three_triggers_on_one_room_cost_one_history_call_per_poll(stack: E2E) -
     ]
 
 
-def test_pausing_a_connection_stops_its_polls_and_resume_restarts_them(stack: E2E) -> None:
-    conn = stack.add_connection("t4")
-    room = stack.srv.state.create_room(f"Pausable {stack.run_id}")
-    stack.cli("subscribe", conn.name, "--event", "room_message", "--room", room["name"], "--log")
-    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
+def test_pausing_a_connection_stops_its_polls_and_resume_restarts_them(case: Case) -> None:
+    stack, conn = case.stack, case.conn
+    case.subscribe("--log")
+    case.wait_primed()
 
     stack.cli("connection", "pause", conn.name)
     paused_at = time.time()
@@ -584,52 +610,36 @@ def test_pausing_a_connection_stops_its_polls_and_resume_restarts_them(stack: E2
     resumed_at = time.time()
     stack.cli("connection", "resume", conn.name)
     wait_for(
-        lambda: [c for c in stack.history_calls(conn, room["id"]) if c.time > resumed_at],
+        lambda: [c for c in case.history_calls() if c.time > resumed_at],
         TIMEOUT,
         "a poll after resume",
         describe=stack.describe,
     )
-    stack.quiet(conn)
 
 
-def test_ping_pong_answers_each_ping_exactly_once_in_order(stack: E2E) -> None:
-    conn = stack.add_connection("t5")
-    alice = _user(stack, "alice5")
-    room = stack.srv.state.create_room(f"Factor {stack.run_id}")
-    stack.cli(
-        "subscribe",
-        conn.name,
-        "--event",
-        "room_message",
-        "--room",
-        room["name"],
-        "--filter",
-        "^ping (.*)",
-        "--reply",
-        "pong {matches[0]}",
-    )
-    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
+def test_ping_pong_answers_each_ping_exactly_once_in_order(case: Case) -> None:
+    case.subscribe("--filter", "^ping (.*)", "--reply", "pong {matches[0]}")
+    case.wait_primed()
     words = ["one", "two", "three"]
     for word in words:
-        stack.srv.state.post_message(room["id"], alice, f"ping {word}")
-    stack.srv.state.post_message(room["id"], alice, "not a ping")
+        case.say(f"ping {word}")
+    case.say("not a ping")
 
     def texts() -> list[str]:
-        return [m["message"] for m in stack.srv.state.history(room["id"])]
+        return [m["message"] for m in case.messages()]
 
     def pongs() -> list[str]:
         return [t for t in texts() if t.startswith("pong ")]
 
-    wait_for(lambda: len(pongs()) >= 3, TIMEOUT, "three pongs", describe=stack.describe)
-    stack.wait_more_history_calls(conn, room["id"], 2)
+    wait_for(lambda: len(pongs()) >= 3, TIMEOUT, "three pongs", describe=case.stack.describe)
+    case.wait_more_history_calls(2)
     assert pongs() == [f"pong {w}" for w in words], texts()
     history = texts()
     for word in words:  # each pong comes after its ping
         assert history.index(f"pong {word}") > history.index(f"ping {word}")
-    sent = stack.calls(conn, f"/v2/room/{room['id']}/message")
+    sent = case.stack.calls(case.conn, f"/v2/room/{case.room['id']}/message")
     assert len(sent) == 3
     assert all(c.status == 201 for c in sent)
-    stack.quiet(conn)
 
 
 @dataclass(frozen=True)
@@ -647,10 +657,10 @@ def overloaded(stack: E2E) -> Overload:
     10 per 6 s and beat asks for a poll every 2 s. Configured with ``apply`` (a recipes file),
     the way an operator declares many triggers at once."""
     rooms = [stack.srv.state.create_room(f"Budget {i} {stack.run_id}") for i in range(6)]
-    token = f"e2e-t6-{secrets.token_hex(12)}"
+    token = f"e2e-budget-{secrets.token_hex(12)}"
     stack.srv.state.create_token(1, token=token)
     stack.secrets.append(token)
-    name = f"t6-{stack.run_id}"
+    name = f"budget-{stack.run_id}"
     recipes = {
         "connections": {name: {"base_url": stack.srv.base_url, "token_env": "E2E_BUDGET_TOKEN"}},
         "subscriptions": [
@@ -720,63 +730,36 @@ def test_a_saturated_budget_still_polls_every_trigger(stack: E2E, overloaded: Ov
     )
 
 
-def test_a_failing_webhook_is_retried_until_delivered_once_in_order(stack: E2E) -> None:
-    conn = stack.add_connection("t8")
-    alice = _user(stack, "alice8")
-    room = stack.srv.state.create_room(f"Flaky {stack.run_id}")
-    url, secret_env = stack.webhook("/t8")
-    stack.receiver.fail_next("/t8", 503, 503)
-    stack.cli(
-        "subscribe",
-        conn.name,
-        "--event",
-        "room_message",
-        "--room",
-        room["name"],
-        "--webhook",
-        url,
-        env=secret_env,
-    )
-    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
+def test_a_failing_webhook_is_retried_until_delivered_once_in_order(case: Case) -> None:
+    case.stack.receiver.fail_next(case.path, 503, 503)
+    case.subscribe("--webhook", case.url)
+    case.wait_primed()
     words = ["first", "second", "third"]
     for word in words:
-        stack.srv.state.post_message(room["id"], alice, word)
+        case.say(word)
     wait_for(
-        lambda: len(stack.receiver.deliveries("/t8")) >= 3,
+        lambda: len(case.deliveries()) >= 3,
         TIMEOUT,
         "three accepted deliveries",
-        describe=stack.describe,
+        describe=case.stack.describe,
     )
-    stack.wait_more_history_calls(conn, room["id"], 2)
-    stack.quiet(conn)
-    accepted = stack.receiver.deliveries("/t8")
+    case.wait_more_history_calls(2)
+    case.quiet()
+    accepted = case.deliveries()
     assert [d.json["message"] for d in accepted] == words
-    tried = stack.receiver.deliveries("/t8", accepted_only=False)
+    tried = case.deliveries(accepted_only=False)
     assert [d.status for d in tried] == [503, 503, 200, 200, 200]
     # The retries were the first event again (same key), and nothing overtook it.
     assert len({d.idempotency_key for d in tried[:3]}) == 1
     assert all(d.signature_ok for d in tried)
-    rows = stack.outbox(conn)
+    rows = case.stack.outbox(case.conn)
     assert next((r.state, r.attempts) for r in rows) == ("delivered", 2)
     assert all(r.state == "delivered" for r in rows)
 
 
-def test_a_second_beat_does_not_poll_twice_per_interval(stack: E2E) -> None:
-    conn = stack.add_connection("t9")
-    alice = _user(stack, "alice9")
-    room = stack.srv.state.create_room(f"Two beats {stack.run_id}")
-    url, secret_env = stack.webhook("/t9")
-    stack.cli(
-        "subscribe",
-        conn.name,
-        "--event",
-        "room_message",
-        "--room",
-        room["name"],
-        "--webhook",
-        url,
-        env=secret_env,
-    )
+def test_a_second_beat_does_not_poll_twice_per_interval(case: Case) -> None:
+    stack, conn = case.stack, case.conn
+    case.subscribe("--webhook", case.url)
     beat2 = stack.start_service("beat-2", ["beat", "--loglevel", "INFO"])
     assert stack.monitor is not None
     monitor = stack.monitor
@@ -796,11 +779,11 @@ def test_a_second_beat_does_not_poll_twice_per_interval(stack: E2E) -> None:
         ]
 
     try:
-        wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
+        case.wait_primed()
         for i in range(3):
-            stack.srv.state.post_message(room["id"], alice, f"two beats {i}")
+            case.say(f"two beats {i}")
         wait_for(
-            lambda: len(stack.receiver.deliveries("/t9")) >= 3,
+            lambda: len(case.deliveries()) >= 3,
             TIMEOUT,
             "three deliveries",
             describe=stack.describe,
@@ -812,58 +795,31 @@ def test_a_second_beat_does_not_poll_twice_per_interval(stack: E2E) -> None:
             describe=lambda: f"{by_interval()}\n{tail(beat2.log_text())}",
         )
     finally:
-        stack.quiet(conn)
+        case.quiet()
         beat2.stop()
     for interval, runs in by_interval().items():
         polled = [r for r in runs if " events" in (r.result or "")]
         assert len(polled) <= 1, f"interval {interval} polled {len(polled)} times: {runs}"
-    got = stack.receiver.deliveries("/t9")
+    got = case.deliveries()
     assert sorted(d.json["message"] for d in got) == [f"two beats {i}" for i in range(3)]
     assert len({d.idempotency_key for d in got}) == 3
 
 
-def test_secrets_never_reach_logs_broker_messages_or_events(stack: E2E) -> None:
-    conn = stack.add_connection("t7")
-    alice = _user(stack, "alice7")
-    room = stack.srv.state.create_room(f"Secrets {stack.run_id}")
-    url, secret_env = stack.webhook("/t7")
-    stack.cli(
-        "subscribe",
-        conn.name,
-        "--event",
-        "room_message",
-        "--room",
-        room["name"],
-        "--webhook",
-        url,
-        env=secret_env,
-    )
-    stack.cli(
-        "subscribe",
-        conn.name,
-        "--event",
-        "room_message",
-        "--room",
-        room["name"],
-        "--filter",
-        "^ping (.*)",
-        "--notify",
-        "pong {matches[0]}",
-        "--color",
-        "green",
-    )
-    wait_for(lambda: stack.all_primed(conn), TIMEOUT, "priming", describe=stack.describe)
-    stack.srv.state.post_message(room["id"], alice, "ping secret")
-    wait_for(lambda: stack.receiver.deliveries("/t7"), TIMEOUT, "the webhook delivery")
+def test_secrets_never_reach_logs_broker_messages_or_events(case: Case) -> None:
+    stack = case.stack
+    case.subscribe("--webhook", case.url)
+    case.subscribe("--filter", "^ping (.*)", "--notify", "pong {matches[0]}", "--color", "green")
+    case.wait_primed()
+    case.say("ping secret")
+    wait_for(case.deliveries, TIMEOUT, "the webhook delivery")
     wait_for(
         lambda: any(
-            m.get("message") == "pong secret" and m.get("color") == "green"
-            for m in stack.srv.state.history(room["id"])
+            m.get("message") == "pong secret" and m.get("color") == "green" for m in case.messages()
         ),
         TIMEOUT,
         "the green pong",
     )
-    stack.quiet(conn)
+    case.quiet()
     assert stack.monitor is not None
     messages = stack.monitor.decoded_messages()
     task_names = {env.get("headers", {}).get("task") for cmd, env, _ in messages if cmd == "LPUSH"}
