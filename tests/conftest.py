@@ -1,8 +1,10 @@
 """Shared fixtures: real services on loopback, per-test isolation, the emulator.
 
 Integration tests need Redis and PostgreSQL. A missing service fails the test with a clear
-message; it never skips, so CI cannot pass without them. Tests never FLUSHDB: each test
-gets its own key prefix and deletes only its own keys, so suites may run side by side.
+message; it never skips, so CI cannot pass without them. Every test that uses one is marked
+``integration`` here (``-m "not integration"`` runs the rest without any service). Tests
+never FLUSHDB: each test gets its own key prefix and deletes only its own keys, so suites
+may run side by side; tests that start Celery processes get a ``redis-server`` of their own.
 """
 
 from __future__ import annotations
@@ -26,6 +28,34 @@ REDIS_URL = os.environ.get("HIPCHAT_POLLER_TEST_REDIS_URL", "redis://127.0.0.1:6
 POSTGRES_ADMIN_URL = os.environ.get(
     "HIPCHAT_POLLER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
+
+
+# Fixtures that reach a real service, themselves or through the fixtures they use.
+SERVICE_FIXTURES = frozenset({"real_redis", "postgres_url", "fresh_postgres", "redis_server"})
+# Parametrized fixtures whose parameter picks a real service, which they then reach through
+# request.getfixturevalue (so it is not among the test's fixture names).
+SERVICE_PARAMS = {
+    "any_redis": "redis",
+    "db": "postgresql",
+    "empty_db": "postgresql",
+    "backend": "postgresql",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``integration`` every test that uses a real Redis or PostgreSQL."""
+    for item in items:
+        if uses_a_service(item):
+            item.add_marker(pytest.mark.integration)
+
+
+def uses_a_service(item: pytest.Item) -> bool:
+    if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    return any(params.get(name) == value for name, value in SERVICE_PARAMS.items())
 
 
 def _real_redis() -> redis.Redis:

@@ -46,7 +46,7 @@ from tests.e2e_support import Service, WebhookReceiver, tail
 from tests.redis_server import RedisServer
 from tests.waiting import wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.timeout(240)]
 
 BIN = Path(sys.executable).parent
 HIPCHAT_POLLER = str(BIN / "hipchat-poller")
