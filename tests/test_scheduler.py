@@ -13,6 +13,7 @@ from celery import Celery
 from celery.exceptions import Retry
 from sqlalchemy import update
 
+from emulator.testing import ManualClock
 from storage import connections as conns
 from storage import outbox
 from storage.errors import ServerError
@@ -42,16 +43,6 @@ RELAY_EVERY = 30.0
 T0 = 1_900_000_020.0  # 20 s into an interval of 60 s
 
 
-class Clock:
-    """The scheduler's clock: time moves only when a test moves ``now``."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @dataclass
 class Sent:
     at: float
@@ -64,7 +55,7 @@ class Sent:
 class Beat:
     app: Celery
     rt: Runtime
-    clock: Clock
+    clock: ManualClock
     sent: list[Sent] = field(default_factory=list)
     scheduler: ConnectionScheduler | None = None
 
@@ -88,9 +79,9 @@ class Beat:
     def run_until(self, end: float, step: float = 1.0) -> None:
         """Tick every ``step`` seconds of fake time up to and including ``end``."""
         assert self.scheduler is not None
-        while self.clock.now <= end:
+        while self.clock() <= end:
             self.scheduler.tick()
-            self.clock.now += step
+            self.clock.advance(step)
 
     def polls(self, conn_id: int | None = None) -> list[Sent]:
         return [x for x in self.sent if x.name == POLL_TASK and conn_id in (None, x.args[0])]
@@ -104,11 +95,11 @@ def beat_fixture(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     settings = backend.settings(poll_interval_seconds=INTERVAL, relay_interval_seconds=RELAY_EVERY)
     app = create_app(settings)
     rt = backend.adopt(Runtime.of(app))
-    clock = Clock(T0)
+    clock = ManualClock(T0)
     beat = Beat(app, rt, clock)
 
     def send_task(name: str, args: list[Any] | None = None, **options: Any) -> None:
-        beat.sent.append(Sent(clock.now, name, list(args or []), options))
+        beat.sent.append(Sent(clock(), name, list(args or []), options))
 
     monkeypatch.setattr(app, "send_task", send_task)
     return beat
@@ -138,7 +129,7 @@ def test_offsets_spread_connections_over_the_interval(beat: Beat) -> None:
     assert len({round(o) for o in offsets.values()}) == len(ids)
     beat.start()
     beat.run_until(T0)
-    start = beat.clock.now
+    start = beat.clock()
     beat.run_until(start + INTERVAL - 1)
     later = [p for p in beat.polls() if p.at >= start]
     assert sorted(p.args[0] for p in later) == sorted(ids)  # each once in one interval
@@ -214,7 +205,7 @@ def worker_fixture(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> Itera
     """A Celery app whose Runtime uses the pipeline's database and Redis; sends recorded."""
     app = create_app(pipeline.rt.settings)
     rt = pipeline.backend.adopt(Runtime.of(app))
-    beat = Beat(app, rt, Clock(T0))
+    beat = Beat(app, rt, ManualClock(T0))
 
     def send_task(name: str, args: list[Any] | None = None, **options: Any) -> None:
         beat.sent.append(Sent(0.0, name, list(args or []), options))
