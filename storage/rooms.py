@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from storage.db import chunks, upsert
 from storage.models import KnownParticipant, KnownRoom, utcnow
 from storage.vocabulary import ROOM_LIST_ROOM_ID, Stream
-from storage.watermarks import is_primed, mark_stream_primed
+from storage.watermarks import mark_stream_primed
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +53,6 @@ def known_rooms(s: Session, conn_id: int) -> dict[int, KnownRoom]:
     query = select(KnownRoom).where(KnownRoom.connection_id == conn_id)
     rows = s.scalars(query.execution_options(populate_existing=True))
     return {room.room_id: room for room in rows}
-
-
-def rooms_primed(s: Session, conn_id: int) -> bool:
-    return is_primed(s, conn_id, ROOM_LIST_ROOM_ID, Stream.ROOMS)
 
 
 def replace_known_rooms(
@@ -94,10 +90,6 @@ def known_participants(s: Session, conn_id: int, room_id: int) -> dict[int, Know
     )
     rows = s.scalars(query.execution_options(populate_existing=True))
     return {row.user_id: row for row in rows}
-
-
-def participants_primed(s: Session, conn_id: int, room_id: int) -> bool:
-    return is_primed(s, conn_id, room_id, Stream.PARTICIPANTS)
 
 
 def replace_participants(

@@ -6,7 +6,7 @@ rate-limit headers and the translation of every failure into :mod:`storage.error
 choke point, :class:`tasks.client_http.HttpCore`, whose docstring draws the error mapping::
 
     HipChatClient.<method>    checks input (tasks.client_inputs), builds the request
-      -> HttpCore.request     before_request() (the bucket), Session.request with timeouts,
+      -> HttpCore.request     before_request() (the call budget), Session.request with timeouts,
                               X-Ratelimit-* (tasks.ratelimit_headers), errors mapped, DEBUG line
       -> _pages               which page next (tasks.pagination), each item once
 
@@ -28,7 +28,7 @@ from tasks import client_inputs as inputs
 from tasks.client_http import HttpCore, Reply
 from tasks.client_inputs import RoomRef, UserRef
 from tasks.hipchat_types import Message, RateLimitInfo, Room, SentMessage, User, UserStub
-from tasks.pagination import HistoryPage, next_page, page_is_full, parse_envelope
+from tasks.pagination import HistoryPage, next_page, parse_envelope
 
 __all__ = ["HipChatClient", "HistoryPage"]
 
@@ -185,18 +185,6 @@ class HipChatClient:
         """A room as a person names it: a string of digits is its id, anything else its name."""
         return self.get_room(inputs.room_ref(room))
 
-    def create_room(self, name: str, *, privacy: str = "public", topic: str | None = None) -> int:
-        body = inputs.create_room_body(name, privacy, topic)
-        reply = self._request("POST", "/room", json_body=body)
-        return self._http.parse(reply, _created_id)
-
-    def set_topic(self, room: RoomRef, topic: str) -> None:
-        body = inputs.topic_body(topic)
-        self._request("PUT", f"/room/{inputs.room_segment(room)}/topic", json_body=body)
-
-    def delete_room(self, room: RoomRef) -> None:
-        self._request("DELETE", f"/room/{inputs.room_segment(room)}")
-
     # -- history ----------------------------------------------------------------------------
 
     def latest_history(
@@ -229,32 +217,6 @@ class HipChatClient:
             params["end-date"] = inputs.date_param(end_date, "end_date")
         return params
 
-    def history(
-        self,
-        room: RoomRef,
-        *,
-        date: datetime | str = "recent",
-        end_date: datetime | None = None,
-        reverse: bool = True,
-        start_index: int = 0,
-        max_results: int = 100,
-    ) -> HistoryPage[Message]:
-        """One page of ``/history``. ``date`` is the NEWEST bound, ``end_date`` the oldest.
-
-        ``has_more``: ``links.next`` was sent, or the page is full. ``date="recent"`` (the
-        latest 75, real time) ignores paging, so there only ``links.next`` counts.
-        """
-        params = self._history_params(date, end_date, reverse)
-        if isinstance(start_index, bool) or not isinstance(start_index, int) or start_index < 0:
-            raise ValidationError("start_index must be an integer >= 0")
-        params["start-index"] = start_index
-        params["max-results"] = inputs.check_max_results(max_results)
-        reply = self._request("GET", f"/room/{inputs.room_segment(room)}/history", params=params)
-        page = self._http.parse(reply, parse_envelope)
-        items = [self._http.parse(reply, Message.parse, raw) for raw in page.items]
-        full = params["date"] != "recent" and page_is_full(len(items), max_results)
-        return HistoryPage(items, page.next_url is not None or full)
-
     def iter_history(
         self, room: RoomRef, *, date: datetime | str, end_date: datetime | None = None
     ) -> Iterator[list[Message]]:
@@ -286,19 +248,6 @@ class HipChatClient:
     ) -> None:
         path = f"/room/{inputs.room_segment(room)}/member/{inputs.user_segment(user)}"
         self._request("PUT", path, json_body=inputs.member_body(roles))
-
-    def remove_member(self, room: RoomRef, user: UserRef) -> None:
-        path = f"/room/{inputs.room_segment(room)}/member/{inputs.user_segment(user)}"
-        self._request("DELETE", path)
-
-    def list_users(
-        self, *, include_guests: bool = False, include_deleted: bool = False
-    ) -> list[UserStub]:
-        params = {
-            "include-guests": _bool(include_guests),
-            "include-deleted": _bool(include_deleted),
-        }
-        return list(self._all("/user", params, UserStub.parse, lambda user: user.id))
 
     def get_user(self, user: UserRef) -> User:
         reply = self._request("GET", f"/user/{inputs.user_segment(user)}")
@@ -335,19 +284,6 @@ class HipChatClient:
         path = f"/room/{inputs.room_segment(room)}/notification"
         self._request("POST", path, json_body=body)
 
-    def share_file(
-        self,
-        room: RoomRef,
-        filename: str,
-        content: bytes,
-        *,
-        content_type: str | None = None,
-        message: str | None = None,
-    ) -> None:
-        body, kind = inputs.multipart_related(filename, content, content_type, message)
-        path = f"/room/{inputs.room_segment(room)}/share/file"
-        self._request("POST", path, data=body, headers={"Content-Type": kind})
-
     def auth_test(self) -> bool:
         """True if the server accepts the token (202 to ``auth_test=true``), False on 401.
 
@@ -359,13 +295,6 @@ class HipChatClient:
         except AuthFailed:
             return False
         return True
-
-
-def _created_id(body: Any) -> int:
-    room_id = body.get("id") if isinstance(body, dict) else None
-    if isinstance(room_id, bool) or not isinstance(room_id, int):
-        raise MalformedResponse("create answer has no integer 'id'")
-    return room_id
 
 
 def _sent_message(body: Any) -> SentMessage:

@@ -1,6 +1,6 @@
 """The one choke point every HipChat request passes through (used by :mod:`tasks.client`).
 
-:meth:`HttpCore.request` calls the ``before_request`` hook (the shared token bucket), sends
+:meth:`HttpCore.request` calls the ``before_request`` hook (the shared call budget), sends
 the request with timeouts through one pooled :class:`requests.Session`, reads the rate-limit
 headers, logs one DEBUG line, and translates every failure into :mod:`storage.errors`, here and
 nowhere else::
@@ -103,7 +103,7 @@ def _check_timeout(timeout: tuple[float, float]) -> tuple[float, float]:
 
 def new_session() -> requests.Session:
     session = requests.Session()
-    # max_retries=0: a hidden retry would spend another token of the shared bucket behind
+    # max_retries=0: a hidden retry would spend another call of the shared budget behind
     # the caller's back; every RetryLater carries retry_after so the caller decides.
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_MAXSIZE, max_retries=0)
     session.mount("https://", adapter)
@@ -173,7 +173,7 @@ class HttpCore:
                 data=data,
                 headers={**self._headers, **headers} if headers else self._headers,
                 timeout=self._timeout,
-                # A redirect hop would be a request that skipped before_request (the bucket),
+                # A redirect hop would be a request that skipped before_request (the call budget),
                 # and HipChat never redirects API calls: a 3xx means a wrong base URL.
                 allow_redirects=False,
             )

@@ -109,7 +109,7 @@ def _failed(
 ) -> float | None:
     """Record a failed attempt; the wait before the next one, or None if it is now dead.
 
-    A 429 or an empty bucket is not a failure of the target: HipChat or our bucket stated
+    A 429 or a spent budget is not a failure of the target: HipChat or our budget stated
     the exact wait, so it is honoured as is and does not count against the attempts.
     """
     if isinstance(exc, RateLimited | BucketEmpty):

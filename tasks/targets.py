@@ -4,7 +4,7 @@
   signature header over the exact body bytes, keyed by the subscription's secret.
 * ``log``: one log line per event (the demo and debugging).
 * ``action``: a HipChat action with templates (``pong {matches[0]}``), through the
-  connection's client and therefore its token bucket.
+  connection's client and therefore its call budget.
 * ``handler``: a Python function registered with :func:`tasks.handlers.on`.
 
 A target raises :class:`RetryLater` for what may work later (the caller backs off),
