@@ -23,7 +23,9 @@ from storage.watermarks import mark_stream_primed
 
 @dataclass(frozen=True, slots=True)
 class RoomSnapshot:
-    room_id: int
+    """What is stored about a room between polls (the baseline of the room-list diff)."""
+
+    id: int
     name: str
     privacy: str
     is_archived: bool
@@ -50,6 +52,7 @@ class ParticipantSnapshot:
 
 
 def known_rooms(s: Session, conn_id: int) -> dict[int, KnownRoom]:
+    """The stored room rows by room id (:func:`room_snapshot` of each is the baseline)."""
     query = select(KnownRoom).where(KnownRoom.connection_id == conn_id)
     rows = s.scalars(query.execution_options(populate_existing=True))
     return {room.room_id: room for room in rows}
@@ -69,14 +72,22 @@ def replace_known_rooms(
     caller has it: it saves reading the set again."""
     now = at or utcnow()
     stored = known if known is not None else known_rooms(s, conn_id)
-    existing = {rid: _room_snapshot(row) for rid, row in stored.items()}
-    wanted = {room.room_id: room for room in rooms}
+    existing = {rid: room_snapshot(row) for rid, row in stored.items()}
+    wanted = {room.id: room for room in rooms}
     for part in chunks([rid for rid in existing if rid not in wanted]):
         s.execute(
             delete(KnownRoom).where(KnownRoom.connection_id == conn_id, KnownRoom.room_id.in_(part))
         )
     changed = [
-        {"connection_id": conn_id, **asdict(room), "updated_at": now}
+        {
+            "connection_id": conn_id,
+            "room_id": rid,
+            "name": room.name,
+            "privacy": room.privacy,
+            "is_archived": room.is_archived,
+            "topic": room.topic,
+            "updated_at": now,
+        }
         for rid, room in wanted.items()
         if existing.get(rid) != room
     ]
@@ -127,5 +138,5 @@ def replace_participants(
     mark_stream_primed(s, conn_id, room_id, Stream.PARTICIPANTS, now)
 
 
-def _room_snapshot(row: KnownRoom) -> RoomSnapshot:
+def room_snapshot(row: KnownRoom) -> RoomSnapshot:
     return RoomSnapshot(row.room_id, row.name, row.privacy, row.is_archived, row.topic)

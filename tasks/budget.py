@@ -104,7 +104,7 @@ class SlidingLogBudget:
 
     def clear(self, connection_id: int) -> None:
         """Forget the connection's log and ceiling: the budget is full again."""
-        with redis_errors("budget clear", connection_id):
+        with redis_errors("budget clear", f"connection {connection_id}"):
             self._redis.delete(
                 self._keys.budget_log(connection_id), self._keys.budget_ceiling(connection_id)
             )
@@ -112,7 +112,7 @@ class SlidingLogBudget:
     def _run(self, connection_id: int, n: int, *, take: bool) -> TakeResult:
         keys = [self._keys.budget_log(connection_id), self._keys.budget_ceiling(connection_id)]
         args = [self.capacity, self._window_us, n, 1 if take else 0]
-        with redis_errors("budget take" if take else "budget peek", connection_id):
+        with redis_errors("budget take" if take else "budget peek", f"connection {connection_id}"):
             allowed, remaining, wait_us = self._take_script(keys=keys, args=args)
         return TakeResult(
             allowed=int(allowed) == 1,
@@ -123,5 +123,5 @@ class SlidingLogBudget:
     def _set_ceiling(self, connection_id: int, remaining: int, reset_at: float, why: str) -> None:
         keys = [self._keys.budget_ceiling(connection_id)]
         args: list[str | int] = [remaining, _microseconds(reset_at), why]
-        with redis_errors("budget observe", connection_id):
+        with redis_errors("budget observe", f"connection {connection_id}"):
             self._ceiling_script(keys=keys, args=args)

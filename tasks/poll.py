@@ -44,7 +44,7 @@ from tasks.diff import HistoryMark
 from tasks.filters import compile_filter
 from tasks.hipchat_types import Message, Room
 from tasks.poll_plan import ConnView, StreamRead, load, plan, resolve_rooms
-from tasks.rooms_diff import RoomState, diff_participants, diff_rooms
+from tasks.rooms_diff import diff_participants, diff_rooms
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import SubView
 
@@ -231,10 +231,7 @@ class Poll:
         with self.rt.db.session() as s:  # one transaction, generation first: see above
             generation = _generation(s, self.conn.id, ROOM_LIST_ROOM_ID, Stream.ROOMS)
             stored = room_store.known_rooms(s, self.conn.id)
-            known = {
-                rid: RoomState(rid, r.name, r.privacy, r.is_archived, r.topic)
-                for rid, r in stored.items()
-            }
+            known = {rid: room_store.room_snapshot(row) for rid, row in stored.items()}
             found: list[NewEvent] = []
             if generation is not None:
                 for change in diff_rooms(known, current):

@@ -59,15 +59,15 @@ def load_script(name: str) -> str:
 
 
 @contextmanager
-def redis_errors(action: str, connection_id: int) -> Iterator[None]:
-    """Translate redis-py's availability errors into :class:`StorageUnavailable`."""
+def redis_errors(action: str, about: str) -> Iterator[None]:
+    """Translate redis-py's availability errors into :class:`StorageUnavailable`; ``about``
+    names what the command was for (``"connection 7"``, ``"subscription 3"``)."""
     try:
         yield
     except _UNAVAILABLE as exc:
         detail = _PASSWORD_ARG.sub(r"\1***", _URL_CREDENTIALS.sub("***@", str(exc)))
         raise StorageUnavailable(
-            f"Redis unavailable during {action} for connection {connection_id}: "
-            f"{type(exc).__name__}: {detail}",
+            f"Redis unavailable during {action} for {about}: {type(exc).__name__}: {detail}",
             retry_after=STORAGE_RETRY_AFTER_SECONDS,
         ) from exc
 

@@ -21,7 +21,7 @@ from tasks.budget import SlidingLogBudget
 from tasks.client import HipChatClient
 from tasks.hipchat_types import RateLimitInfo
 from tasks.keys import Keys
-from tasks.lease import PollLease
+from tasks.lease import Leases
 from tasks.redis_conn import connect
 from tasks.settings import Settings
 
@@ -84,8 +84,8 @@ class Runtime:
         return requests.Session()
 
     @cached_property
-    def lease(self) -> PollLease:
-        return PollLease(self.redis, self.keys)
+    def leases(self) -> Leases:
+        return Leases(self.redis, self.keys)
 
     def client(self, connection_id: int, base_url: str, token: str) -> HipChatClient:
         """A client whose every request first takes a token from the connection's budget."""
