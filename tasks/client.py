@@ -25,7 +25,7 @@ import requests
 
 from storage.errors import AuthFailed, MalformedResponse, ValidationError
 from tasks import client_inputs as inputs
-from tasks.client_http import HttpCore, Reply
+from tasks.client_http import HttpCore
 from tasks.client_inputs import RoomRef, UserRef
 from tasks.hipchat_types import Message, RateLimitInfo, Room, SentMessage, User, UserStub
 from tasks.pagination import HistoryPage, next_page, parse_envelope
@@ -89,20 +89,6 @@ class HipChatClient:
     ) -> None:
         self.close()
 
-    def _request(
-        self,
-        method: str,
-        target: str,
-        *,
-        params: Mapping[str, str | int] | None = None,
-        json_body: Any = None,
-        data: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Reply:
-        return self._http.request(
-            method, target, params=params, json_body=json_body, data=data, headers=headers
-        )
-
     def _pages(
         self,
         path: str,
@@ -122,7 +108,7 @@ class HipChatClient:
         visited: set[str] = set()
         fetched = 0
         while True:
-            reply = self._request("GET", target, params=query)
+            reply = self._http.request("GET", target, params=query)
             page = self._http.parse(reply, parse_envelope)
             fetched += len(page.items)
             fresh: list[T] = []
@@ -178,7 +164,7 @@ class HipChatClient:
         )
 
     def get_room(self, room: RoomRef) -> Room:
-        reply = self._request("GET", f"/room/{inputs.room_segment(room)}")
+        reply = self._http.request("GET", f"/room/{inputs.room_segment(room)}")
         return self._http.parse(reply, Room.parse)
 
     def find_room(self, room: str) -> Room:
@@ -198,7 +184,7 @@ class HipChatClient:
                 raise ValidationError("not_before must be a message id")
             params["not-before"] = not_before
         path = f"/room/{inputs.room_segment(room)}/history/latest"
-        reply = self._request("GET", path, params=params)
+        reply = self._http.request("GET", path, params=params)
         page = self._http.parse(reply, parse_envelope)
         messages = [self._http.parse(reply, Message.parse, raw) for raw in page.items]
         # The reference says "oldest first" with MED confidence; a stable sort makes it true.
@@ -247,17 +233,19 @@ class HipChatClient:
         self, room: RoomRef, user: UserRef, *, roles: Sequence[str] | None = None
     ) -> None:
         path = f"/room/{inputs.room_segment(room)}/member/{inputs.user_segment(user)}"
-        self._request("PUT", path, json_body=inputs.member_body(roles))
+        self._http.request("PUT", path, json_body=inputs.member_body(roles))
 
     def get_user(self, user: UserRef) -> User:
-        reply = self._request("GET", f"/user/{inputs.user_segment(user)}")
+        reply = self._http.request("GET", f"/user/{inputs.user_segment(user)}")
         return self._http.parse(reply, User.parse)
 
     # -- sending ----------------------------------------------------------------------------
 
     def send_message(self, room: RoomRef, text: str) -> SentMessage:
         body = inputs.message_body(text)
-        reply = self._request("POST", f"/room/{inputs.room_segment(room)}/message", json_body=body)
+        reply = self._http.request(
+            "POST", f"/room/{inputs.room_segment(room)}/message", json_body=body
+        )
         return self._http.parse(reply, _sent_message)
 
     def send_notification(
@@ -282,7 +270,7 @@ class HipChatClient:
             attach_to=attach_to,
         )
         path = f"/room/{inputs.room_segment(room)}/notification"
-        self._request("POST", path, json_body=body)
+        self._http.request("POST", path, json_body=body)
 
     def auth_test(self) -> bool:
         """True if the server accepts the token (202 to ``auth_test=true``), False on 401.
@@ -291,7 +279,7 @@ class HipChatClient:
         can tell a bad token from a weak one.
         """
         try:
-            self._request("GET", "/room", params={"auth_test": "true"})
+            self._http.request("GET", "/room", params={"auth_test": "true"})
         except AuthFailed:
             return False
         return True

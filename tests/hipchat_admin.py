@@ -50,15 +50,15 @@ class AdminClient(HipChatClient):
 
     def create_room(self, name: str, *, privacy: str = "public", topic: str | None = None) -> int:
         body = create_room_body(name, privacy, topic)
-        reply = self._request("POST", "/room", json_body=body)
+        reply = self._http.request("POST", "/room", json_body=body)
         return self._http.parse(reply, _created_id)
 
     def set_topic(self, room: RoomRef, topic: str) -> None:
         body = topic_body(topic)
-        self._request("PUT", f"/room/{inputs.room_segment(room)}/topic", json_body=body)
+        self._http.request("PUT", f"/room/{inputs.room_segment(room)}/topic", json_body=body)
 
     def delete_room(self, room: RoomRef) -> None:
-        self._request("DELETE", f"/room/{inputs.room_segment(room)}")
+        self._http.request("DELETE", f"/room/{inputs.room_segment(room)}")
 
     def history(
         self,
@@ -80,7 +80,9 @@ class AdminClient(HipChatClient):
             raise ValidationError("start_index must be an integer >= 0")
         params["start-index"] = start_index
         params["max-results"] = inputs.check_max_results(max_results)
-        reply = self._request("GET", f"/room/{inputs.room_segment(room)}/history", params=params)
+        reply = self._http.request(
+            "GET", f"/room/{inputs.room_segment(room)}/history", params=params
+        )
         page = self._http.parse(reply, parse_envelope)
         items = [self._http.parse(reply, Message.parse, raw) for raw in page.items]
         full = params["date"] != "recent" and page_is_full(len(items), max_results)
@@ -88,7 +90,7 @@ class AdminClient(HipChatClient):
 
     def remove_member(self, room: RoomRef, user: UserRef) -> None:
         path = f"/room/{inputs.room_segment(room)}/member/{inputs.user_segment(user)}"
-        self._request("DELETE", path)
+        self._http.request("DELETE", path)
 
     def list_users(
         self, *, include_guests: bool = False, include_deleted: bool = False
@@ -110,7 +112,7 @@ class AdminClient(HipChatClient):
     ) -> None:
         body, kind = multipart_related(filename, content, content_type, message)
         path = f"/room/{inputs.room_segment(room)}/share/file"
-        self._request("POST", path, data=body, headers={"Content-Type": kind})
+        self._http.request("POST", path, data=body, headers={"Content-Type": kind})
 
 
 def _created_id(body: Any) -> int:
