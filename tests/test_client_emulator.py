@@ -286,7 +286,7 @@ def test_each_status_maps_to_its_error(
         client.set_topic(room_id, "t" * 251)  # the server's limit, not ours
     assert bad.value.status == 400
     with pytest.raises(BadRequest) as wrong_method:
-        client._request("PATCH", f"/room/{room_id}")
+        client._http.request("PATCH", f"/room/{room_id}")
     assert wrong_method.value.status == 405
     with pytest.raises(AuthFailed):
         make_client(token="not-a-token").get_room(room_id)
