@@ -24,7 +24,7 @@ from functools import partial
 
 import redis
 
-from tasks.bucket import TokenBucket
+from tasks.budget import SlidingLogBudget
 from tasks.keys import Keys
 from tasks.redis_conn import connect
 from tasks.settings import Settings
@@ -70,9 +70,9 @@ def main() -> None:
     keys = Keys(f"hp-bench-{uuid.uuid4().hex[:12]}")
     # Granted path: a huge capacity so every take is granted; a 1 s window keeps the log at
     # one second of calls (thousands of entries, more than production's few hundred).
-    granted = TokenBucket(client, keys, capacity=10**9, window_seconds=1.0)
+    granted = SlidingLogBudget(client, keys, capacity=10**9, window_seconds=1.0)
     # Refused path: production settings with the budget spent.
-    refused = TokenBucket(client, keys, capacity=100, window_seconds=60.0)
+    refused = SlidingLogBudget(client, keys, capacity=100, window_seconds=60.0)
     refused.take(2, 100)
     counter = f"{keys.prefix}:incr"
 
@@ -92,7 +92,7 @@ def main() -> None:
                     took = rate(partial(bucket.take, conn), args.seconds, threads)
                     samples[label].append(took)
                     if label == "take, granted":
-                        log_size = max(log_size, client.zcard(keys.bucket_log(1)))
+                        log_size = max(log_size, client.zcard(keys.budget_log(1)))
             baseline = statistics.median(samples["INCR (baseline)"])
             for label, values in samples.items():
                 per_second = statistics.median(values)

@@ -369,7 +369,7 @@ def instrumented(rt: Runtime, out: Breakdown) -> Iterator[None]:
     """Count and time database sessions, SQL statements and bucket round trips of ``rt``.
 
     Instance attributes shadow the methods for the duration; nothing is changed for good."""
-    db, bucket = rt.db, rt.bucket
+    db, bucket = rt.db, rt.budget
     session, acquire, observe = db.session, bucket.acquire, bucket.observe
     started: dict[int, float] = {}
 
@@ -449,7 +449,7 @@ def run_backend(
     rt = Runtime(settings)
     try:
         rt.db.upgrade()
-        _built_before_threads_share_them = (rt.keys, rt.redis, rt.cipher, rt.bucket)
+        _built_before_threads_share_them = (rt.keys, rt.redis, rt.cipher, rt.budget)
         conn_list = make_connections(rt, emu, world, args)
         polls = [poll_job(rt, c) for c in conn_list]
         bares = [bare_job(emu.base, settings, c) for c in conn_list]

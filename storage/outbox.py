@@ -106,22 +106,6 @@ def mark_dispatched(s: Session, ids: Iterable[int], at: datetime) -> int:
     return count
 
 
-def claim_for_delivery(s: Session, event_id: int) -> OutboxEvent | None:
-    """Lock an open event for delivery; None if it is delivered, dead or unknown.
-
-    The row stays locked (PostgreSQL: ``FOR UPDATE``) until the session's transaction ends:
-    delivering inside that transaction makes a duplicate delivery wait, then see
-    ``delivered`` and get None.
-    """
-    query = (
-        select(OutboxEvent)
-        .where(OutboxEvent.id == event_id, OutboxEvent.state.in_(OPEN_OUTBOX_STATES))
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    return s.scalars(query).one_or_none()
-
-
 def next_for_subscription(
     s: Session, subscription_id: int, now: datetime | None = None
 ) -> OutboxEvent | None:

@@ -7,10 +7,10 @@ Each ``replace_*`` writes only what changed and sets the stream's priming marker
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -18,12 +18,16 @@ from sqlalchemy.orm import Session
 from storage.db import chunks, upsert
 from storage.models import KnownParticipant, KnownRoom, utcnow
 from storage.vocabulary import ROOM_LIST_ROOM_ID, Stream
-from storage.watermarks import is_primed, mark_stream_primed
+from storage.watermarks import mark_stream_primed
+
+Snapshot = TypeVar("Snapshot")
 
 
 @dataclass(frozen=True, slots=True)
 class RoomSnapshot:
-    room_id: int
+    """What is stored about a room between polls (the baseline of the room-list diff)."""
+
+    id: int
     name: str
     privacy: str
     is_archived: bool
@@ -50,13 +54,10 @@ class ParticipantSnapshot:
 
 
 def known_rooms(s: Session, conn_id: int) -> dict[int, KnownRoom]:
+    """The stored room rows by room id (:func:`room_snapshot` of each is the baseline)."""
     query = select(KnownRoom).where(KnownRoom.connection_id == conn_id)
     rows = s.scalars(query.execution_options(populate_existing=True))
     return {room.room_id: room for room in rows}
-
-
-def rooms_primed(s: Session, conn_id: int) -> bool:
-    return is_primed(s, conn_id, ROOM_LIST_ROOM_ID, Stream.ROOMS)
 
 
 def replace_known_rooms(
@@ -73,18 +74,15 @@ def replace_known_rooms(
     caller has it: it saves reading the set again."""
     now = at or utcnow()
     stored = known if known is not None else known_rooms(s, conn_id)
-    existing = {rid: _room_snapshot(row) for rid, row in stored.items()}
-    wanted = {room.room_id: room for room in rooms}
-    for part in chunks([rid for rid in existing if rid not in wanted]):
-        s.execute(
-            delete(KnownRoom).where(KnownRoom.connection_id == conn_id, KnownRoom.room_id.in_(part))
-        )
-    changed = [
-        {"connection_id": conn_id, **asdict(room), "updated_at": now}
-        for rid, room in wanted.items()
-        if existing.get(rid) != room
-    ]
-    upsert(s, KnownRoom, changed, ["connection_id", "room_id"])
+    _sync(
+        s,
+        KnownRoom,
+        {"connection_id": conn_id},
+        "room_id",
+        {rid: room_snapshot(row) for rid, row in stored.items()},
+        {room.id: room for room in rooms},
+        lambda room: {k: v for k, v in asdict(room).items() if k != "id"} | {"updated_at": now},
+    )
     mark_stream_primed(s, conn_id, ROOM_LIST_ROOM_ID, Stream.ROOMS, now)
 
 
@@ -94,10 +92,6 @@ def known_participants(s: Session, conn_id: int, room_id: int) -> dict[int, Know
     )
     rows = s.scalars(query.execution_options(populate_existing=True))
     return {row.user_id: row for row in rows}
-
-
-def participants_primed(s: Session, conn_id: int, room_id: int) -> bool:
-    return is_primed(s, conn_id, room_id, Stream.PARTICIPANTS)
 
 
 def replace_participants(
@@ -114,26 +108,37 @@ def replace_participants(
     ``known``: as for :func:`replace_known_rooms`."""
     now = at or utcnow()
     stored = known if known is not None else known_participants(s, conn_id, room_id)
-    existing = {
-        uid: ParticipantSnapshot(uid, row.name, row.mention_name) for uid, row in stored.items()
-    }
-    wanted = {p.user_id: p for p in participants}
-    for part in chunks([uid for uid in existing if uid not in wanted]):
-        s.execute(
-            delete(KnownParticipant).where(
-                KnownParticipant.connection_id == conn_id,
-                KnownParticipant.room_id == room_id,
-                KnownParticipant.user_id.in_(part),
-            )
-        )
-    changed = [
-        {"connection_id": conn_id, "room_id": room_id, **asdict(p), "updated_at": now}
-        for uid, p in wanted.items()
-        if existing.get(uid) != p
-    ]
-    upsert(s, KnownParticipant, changed, ["connection_id", "room_id", "user_id"])
+    _sync(
+        s,
+        KnownParticipant,
+        {"connection_id": conn_id, "room_id": room_id},
+        "user_id",
+        {uid: ParticipantSnapshot(uid, row.name, row.mention_name) for uid, row in stored.items()},
+        {p.user_id: p for p in participants},
+        lambda p: {"name": p.name, "mention_name": p.mention_name, "updated_at": now},
+    )
     mark_stream_primed(s, conn_id, room_id, Stream.PARTICIPANTS, now)
 
 
-def _room_snapshot(row: KnownRoom) -> RoomSnapshot:
+def _sync(
+    s: Session,
+    model: type[KnownRoom] | type[KnownParticipant],
+    scope: dict[str, int],
+    key: str,
+    existing: Mapping[int, Snapshot],
+    wanted: Mapping[int, Snapshot],
+    columns: Callable[[Snapshot], dict[str, Any]],
+) -> None:
+    """Make the rows of ``model`` within ``scope`` equal ``wanted`` (by ``key``): delete the
+    ones gone, upsert only the ones that changed (``columns`` gives their other columns)."""
+    in_scope = [getattr(model, column) == value for column, value in scope.items()]
+    for part in chunks([k for k in existing if k not in wanted]):
+        s.execute(delete(model).where(*in_scope, getattr(model, key).in_(part)))
+    changed = [
+        {**scope, key: k, **columns(item)} for k, item in wanted.items() if existing.get(k) != item
+    ]
+    upsert(s, model, changed, [*scope, key])
+
+
+def room_snapshot(row: KnownRoom) -> RoomSnapshot:
     return RoomSnapshot(row.room_id, row.name, row.privacy, row.is_archived, row.topic)

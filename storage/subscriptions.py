@@ -116,13 +116,6 @@ def get_subscription(s: Session, sub_id: int) -> Subscription | None:
     return s.get(Subscription, sub_id)
 
 
-def find_subscription(s: Session, connection_id: int, name: str) -> Subscription | None:
-    query = select(Subscription).where(
-        Subscription.connection_id == connection_id, Subscription.name == name
-    )
-    return s.scalars(query).one_or_none()
-
-
 def list_subscriptions(s: Session, connection_id: int | None = None) -> list[Subscription]:
     query = select(Subscription).order_by(Subscription.id)
     if connection_id is not None:

@@ -79,34 +79,9 @@ def advance_watermark(
     return watermark
 
 
-def is_primed(s: Session, conn_id: int, room_id: int, stream: str) -> bool:
-    return get_watermark(s, conn_id, room_id, stream) is not None
-
-
 def mark_stream_primed(s: Session, conn_id: int, room_id: int, stream: str, at: datetime) -> None:
     """Record that a snapshot stream (room list, participants) has a baseline as of ``at``."""
     advance_watermark(s, conn_id, room_id, stream, None, at)
-
-
-def mark_empty(s: Session, conn_id: int, room_id: int, stream: str) -> Watermark:
-    """Record that the stream was looked at and held nothing (an empty room at priming).
-
-    Creates ``(last_id=None, last_date=EMPTY_DATE)`` only if no watermark exists yet; an
-    existing watermark is returned unchanged.
-    """
-    _check(stream)
-    insert = dialect_insert(s)(Watermark).values(
-        connection_id=conn_id,
-        room_id=room_id,
-        stream=stream,
-        last_id=None,
-        last_date=EMPTY_DATE,
-        updated_at=utcnow(),
-    )
-    s.execute(insert.on_conflict_do_nothing(index_elements=["connection_id", "room_id", "stream"]))
-    watermark = get_watermark(s, conn_id, room_id, stream)
-    assert watermark is not None  # inserted above or already there
-    return watermark
 
 
 def _check(stream: str) -> None:

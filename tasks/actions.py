@@ -1,7 +1,7 @@
 """The HipChat actions of the seeds, as one Python API used by tasks, the CLI and triggers.
 
 Every call goes through the connection's client, so it takes a token from the connection's
-shared bucket first. Actions take a connection *name or id*, never a token.
+shared call budget first. Actions take a connection *name or id*, never a token.
 
 Input is checked before the first call, and every problem is reported at once
 (:class:`~storage.errors.ValidationError`); what HipChat refuses comes back as the exception

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task, shared_task
 
-from storage import outbox
 from storage.errors import RetryLater
 from tasks.actions import Actions
 from tasks.delivery import drain
 from tasks.poll import PollResult, poll_connection
+from tasks.relay import dispatch, relay
 from tasks.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -31,17 +31,11 @@ log = logging.getLogger(__name__)
 DELIVER_TASK = "hipchat.deliver"
 
 
-def enqueue_deliveries(task: Task, rt: Runtime, dispatch: dict[int, list[int]]) -> None:
-    """After commit: one drain per subscription that got events.
-
-    The events are marked dispatched *before* the drain is sent, so the mark can never land
-    after a fast drain already recorded a failure. A send that fails after the mark loses
-    nothing: the relay re-sends dispatched events that stay open too long.
-    """
-    for subscription_id, event_ids in dispatch.items():
-        with rt.db.session() as s:
-            outbox.mark_dispatched(s, event_ids, datetime.now(UTC))
+def _send_drain(task: Task) -> Callable[[int], None]:
+    def send(subscription_id: int) -> None:
         task.app.send_task(DELIVER_TASK, args=[subscription_id])
+
+    return send
 
 
 @shared_task(bind=True, name="hipchat.poll_connection", acks_late=True, max_retries=5)
@@ -59,24 +53,23 @@ def poll_connection_task(
     if (
         interval_index is not None
         and first_try
-        and not rt.lease.claim_interval(connection_id, interval_index, ttl_seconds=interval * 2)
+        and not rt.leases.claim_interval(connection_id, interval_index, ttl_seconds=interval * 2)
     ):
         return f"connection {connection_id}: already polled in interval {interval_index}"
-    owner = self.request.id or "local"
-    if not rt.lease.acquire(connection_id, owner, ttl_seconds=interval):
-        return f"connection {connection_id}: a poll is already running"
     started = datetime.fromisoformat(first_try_at) if first_try_at else datetime.now(UTC)
     result = PollResult(connection_id)
     failure: RetryLater | None = None
-    try:
-        done_since = started if first_try_at else None
-        poll_connection(rt, connection_id, result=result, done_since=done_since)
-    except RetryLater as exc:
-        failure = exc
-    finally:
-        rt.lease.release(connection_id, owner)  # before a retry, which may run at once
+    # The lease is released when the block ends: before a retry, which may run at once.
+    with rt.leases.poll(connection_id) as held:
+        if not held:
+            return f"connection {connection_id}: a poll is already running"
+        try:
+            done_since = started if first_try_at else None
+            poll_connection(rt, connection_id, result=result, done_since=done_since)
+        except RetryLater as exc:
+            failure = exc
     # Streams committed before a failure are handed over now, not a minute later by the relay.
-    enqueue_deliveries(self, rt, result.dispatch)
+    dispatch(rt, result.dispatch, _send_drain(self), datetime.now(UTC))
     if failure is None:
         log.info("poll conn=%s %s", connection_id, result.status)
         return f"connection {connection_id}: {result.status}"
@@ -106,19 +99,8 @@ def deliver_task(self: Task, subscription_id: int) -> str:
 @shared_task(bind=True, name="hipchat.relay_outbox", acks_late=True)
 def relay_outbox_task(self: Task) -> str:
     """Re-enqueue drains for events a dead worker committed but never handed over."""
-    rt = Runtime.of(self.app)
-    now = datetime.now(UTC)
-    cutoff = now - timedelta(seconds=rt.settings.relay_min_age_seconds)
-    dispatch: dict[int, list[int]] = {}
-    with rt.db.session() as s:
-        # Marked in the transaction that selected them (SKIP LOCKED on PostgreSQL), so two
-        # relays running at once split the events instead of both sending them.
-        for event in outbox.undispatched(s, older_than=cutoff, limit=1000):
-            dispatch.setdefault(event.subscription_id, []).append(event.id)
-        outbox.mark_dispatched(s, [i for ids in dispatch.values() for i in ids], now)
-    for subscription_id in dispatch:
-        self.app.send_task(DELIVER_TASK, args=[subscription_id])
-    return f"relayed {sum(map(len, dispatch.values()))} events"
+    count = relay(Runtime.of(self.app), _send_drain(self), datetime.now(UTC))
+    return f"relayed {count} events"
 
 
 def _retrying(

@@ -6,7 +6,7 @@ rate-limit headers and the translation of every failure into :mod:`storage.error
 choke point, :class:`tasks.client_http.HttpCore`, whose docstring draws the error mapping::
 
     HipChatClient.<method>    checks input (tasks.client_inputs), builds the request
-      -> HttpCore.request     before_request() (the bucket), Session.request with timeouts,
+      -> HttpCore.request     before_request() (the call budget), Session.request with timeouts,
                               X-Ratelimit-* (tasks.ratelimit_headers), errors mapped, DEBUG line
       -> _pages               which page next (tasks.pagination), each item once
 
@@ -25,10 +25,10 @@ import requests
 
 from storage.errors import AuthFailed, MalformedResponse, ValidationError
 from tasks import client_inputs as inputs
-from tasks.client_http import HttpCore, Reply
+from tasks.client_http import HttpCore
 from tasks.client_inputs import RoomRef, UserRef
 from tasks.hipchat_types import Message, RateLimitInfo, Room, SentMessage, User, UserStub
-from tasks.pagination import HistoryPage, next_page, page_is_full, parse_envelope
+from tasks.pagination import HistoryPage, next_page, parse_envelope
 
 __all__ = ["HipChatClient", "HistoryPage"]
 
@@ -89,20 +89,6 @@ class HipChatClient:
     ) -> None:
         self.close()
 
-    def _request(
-        self,
-        method: str,
-        target: str,
-        *,
-        params: Mapping[str, str | int] | None = None,
-        json_body: Any = None,
-        data: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Reply:
-        return self._http.request(
-            method, target, params=params, json_body=json_body, data=data, headers=headers
-        )
-
     def _pages(
         self,
         path: str,
@@ -122,7 +108,7 @@ class HipChatClient:
         visited: set[str] = set()
         fetched = 0
         while True:
-            reply = self._request("GET", target, params=query)
+            reply = self._http.request("GET", target, params=query)
             page = self._http.parse(reply, parse_envelope)
             fetched += len(page.items)
             fresh: list[T] = []
@@ -178,24 +164,12 @@ class HipChatClient:
         )
 
     def get_room(self, room: RoomRef) -> Room:
-        reply = self._request("GET", f"/room/{inputs.room_segment(room)}")
+        reply = self._http.request("GET", f"/room/{inputs.room_segment(room)}")
         return self._http.parse(reply, Room.parse)
 
     def find_room(self, room: str) -> Room:
         """A room as a person names it: a string of digits is its id, anything else its name."""
         return self.get_room(inputs.room_ref(room))
-
-    def create_room(self, name: str, *, privacy: str = "public", topic: str | None = None) -> int:
-        body = inputs.create_room_body(name, privacy, topic)
-        reply = self._request("POST", "/room", json_body=body)
-        return self._http.parse(reply, _created_id)
-
-    def set_topic(self, room: RoomRef, topic: str) -> None:
-        body = inputs.topic_body(topic)
-        self._request("PUT", f"/room/{inputs.room_segment(room)}/topic", json_body=body)
-
-    def delete_room(self, room: RoomRef) -> None:
-        self._request("DELETE", f"/room/{inputs.room_segment(room)}")
 
     # -- history ----------------------------------------------------------------------------
 
@@ -210,7 +184,7 @@ class HipChatClient:
                 raise ValidationError("not_before must be a message id")
             params["not-before"] = not_before
         path = f"/room/{inputs.room_segment(room)}/history/latest"
-        reply = self._request("GET", path, params=params)
+        reply = self._http.request("GET", path, params=params)
         page = self._http.parse(reply, parse_envelope)
         messages = [self._http.parse(reply, Message.parse, raw) for raw in page.items]
         # The reference says "oldest first" with MED confidence; a stable sort makes it true.
@@ -228,32 +202,6 @@ class HipChatClient:
                 raise ValidationError("end_date needs a real date, not date='recent'")
             params["end-date"] = inputs.date_param(end_date, "end_date")
         return params
-
-    def history(
-        self,
-        room: RoomRef,
-        *,
-        date: datetime | str = "recent",
-        end_date: datetime | None = None,
-        reverse: bool = True,
-        start_index: int = 0,
-        max_results: int = 100,
-    ) -> HistoryPage[Message]:
-        """One page of ``/history``. ``date`` is the NEWEST bound, ``end_date`` the oldest.
-
-        ``has_more``: ``links.next`` was sent, or the page is full. ``date="recent"`` (the
-        latest 75, real time) ignores paging, so there only ``links.next`` counts.
-        """
-        params = self._history_params(date, end_date, reverse)
-        if isinstance(start_index, bool) or not isinstance(start_index, int) or start_index < 0:
-            raise ValidationError("start_index must be an integer >= 0")
-        params["start-index"] = start_index
-        params["max-results"] = inputs.check_max_results(max_results)
-        reply = self._request("GET", f"/room/{inputs.room_segment(room)}/history", params=params)
-        page = self._http.parse(reply, parse_envelope)
-        items = [self._http.parse(reply, Message.parse, raw) for raw in page.items]
-        full = params["date"] != "recent" and page_is_full(len(items), max_results)
-        return HistoryPage(items, page.next_url is not None or full)
 
     def iter_history(
         self, room: RoomRef, *, date: datetime | str, end_date: datetime | None = None
@@ -285,30 +233,19 @@ class HipChatClient:
         self, room: RoomRef, user: UserRef, *, roles: Sequence[str] | None = None
     ) -> None:
         path = f"/room/{inputs.room_segment(room)}/member/{inputs.user_segment(user)}"
-        self._request("PUT", path, json_body=inputs.member_body(roles))
-
-    def remove_member(self, room: RoomRef, user: UserRef) -> None:
-        path = f"/room/{inputs.room_segment(room)}/member/{inputs.user_segment(user)}"
-        self._request("DELETE", path)
-
-    def list_users(
-        self, *, include_guests: bool = False, include_deleted: bool = False
-    ) -> list[UserStub]:
-        params = {
-            "include-guests": _bool(include_guests),
-            "include-deleted": _bool(include_deleted),
-        }
-        return list(self._all("/user", params, UserStub.parse, lambda user: user.id))
+        self._http.request("PUT", path, json_body=inputs.member_body(roles))
 
     def get_user(self, user: UserRef) -> User:
-        reply = self._request("GET", f"/user/{inputs.user_segment(user)}")
+        reply = self._http.request("GET", f"/user/{inputs.user_segment(user)}")
         return self._http.parse(reply, User.parse)
 
     # -- sending ----------------------------------------------------------------------------
 
     def send_message(self, room: RoomRef, text: str) -> SentMessage:
         body = inputs.message_body(text)
-        reply = self._request("POST", f"/room/{inputs.room_segment(room)}/message", json_body=body)
+        reply = self._http.request(
+            "POST", f"/room/{inputs.room_segment(room)}/message", json_body=body
+        )
         return self._http.parse(reply, _sent_message)
 
     def send_notification(
@@ -333,20 +270,7 @@ class HipChatClient:
             attach_to=attach_to,
         )
         path = f"/room/{inputs.room_segment(room)}/notification"
-        self._request("POST", path, json_body=body)
-
-    def share_file(
-        self,
-        room: RoomRef,
-        filename: str,
-        content: bytes,
-        *,
-        content_type: str | None = None,
-        message: str | None = None,
-    ) -> None:
-        body, kind = inputs.multipart_related(filename, content, content_type, message)
-        path = f"/room/{inputs.room_segment(room)}/share/file"
-        self._request("POST", path, data=body, headers={"Content-Type": kind})
+        self._http.request("POST", path, json_body=body)
 
     def auth_test(self) -> bool:
         """True if the server accepts the token (202 to ``auth_test=true``), False on 401.
@@ -355,17 +279,10 @@ class HipChatClient:
         can tell a bad token from a weak one.
         """
         try:
-            self._request("GET", "/room", params={"auth_test": "true"})
+            self._http.request("GET", "/room", params={"auth_test": "true"})
         except AuthFailed:
             return False
         return True
-
-
-def _created_id(body: Any) -> int:
-    room_id = body.get("id") if isinstance(body, dict) else None
-    if isinstance(room_id, bool) or not isinstance(room_id, int):
-        raise MalformedResponse("create answer has no integer 'id'")
-    return room_id
 
 
 def _sent_message(body: Any) -> SentMessage:

@@ -1,6 +1,6 @@
 """The one choke point every HipChat request passes through (used by :mod:`tasks.client`).
 
-:meth:`HttpCore.request` calls the ``before_request`` hook (the shared token bucket), sends
+:meth:`HttpCore.request` calls the ``before_request`` hook (the shared call budget), sends
 the request with timeouts through one pooled :class:`requests.Session`, reads the rate-limit
 headers, logs one DEBUG line, and translates every failure into :mod:`storage.errors`, here and
 nowhere else::
@@ -58,6 +58,7 @@ T = TypeVar("T")
 
 POOL_MAXSIZE = 10
 DEFAULT_SERVER_RETRY_SECONDS = 5.0
+DEFAULT_TRANSPORT_RETRY_SECONDS = 5.0
 _SERVER_TEXT_MAX_CHARS = 200
 _TRANSPORT_ERRORS = (
     requests.Timeout,
@@ -103,7 +104,7 @@ def _check_timeout(timeout: tuple[float, float]) -> tuple[float, float]:
 
 def new_session() -> requests.Session:
     session = requests.Session()
-    # max_retries=0: a hidden retry would spend another token of the shared bucket behind
+    # max_retries=0: a hidden retry would spend another call of the shared budget behind
     # the caller's back; every RetryLater carries retry_after so the caller decides.
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_MAXSIZE, max_retries=0)
     session.mount("https://", adapter)
@@ -163,30 +164,17 @@ class HttpCore:
         where = f"{method} {urlsplit(url).path}"
         if self._before_request is not None:
             self._before_request()  # may raise BucketEmpty: it reaches the caller untouched
-        started = time.perf_counter()
-        try:
-            response = self._session.request(
-                method,
-                url,
-                params=params,
-                json=json_body,
-                data=data,
-                headers={**self._headers, **headers} if headers else self._headers,
-                timeout=self._timeout,
-                # A redirect hop would be a request that skipped before_request (the bucket),
-                # and HipChat never redirects API calls: a 3xx means a wrong base URL.
-                allow_redirects=False,
-            )
-        except _TRANSPORT_ERRORS as exc:
-            _log(where, type(exc).__name__, started)
-            raise TransportError(f"{where}: {_describe(exc)}") from exc
-        except requests.RequestException as exc:
-            _log(where, type(exc).__name__, started)
-            # Their text may quote a URL or a header value: name only the kind, drop the cause.
-            raise ValidationError(
-                f"{where}: request refused by requests ({type(exc).__name__})"
-            ) from None
-        _log(where, response.status_code, started)
+        response = send(
+            self._session,
+            method,
+            url,
+            where=where,
+            params=params,
+            json=json_body,
+            data=data,
+            headers={**self._headers, **headers} if headers else self._headers,
+            timeout=self._timeout,
+        )
         self._note_rate_limit(response)
         if not 200 <= response.status_code < 300:
             raise self._status_error(response, where)
@@ -240,9 +228,42 @@ class HttpCore:
         return NeedsAttention(f"{text} (redirected or unexpected: check the base URL)", status)
 
 
-def _log(where: str, outcome: int | str, started: float) -> None:
+def send(
+    session: requests.Session,
+    method: str,
+    url: str,
+    *,
+    where: str,
+    peer: str = "hipchat",
+    transport_retry_after: float = DEFAULT_TRANSPORT_RETRY_SECONDS,
+    **options: Any,
+) -> requests.Response:
+    """One request through ``requests``, never following a redirect: the one place where
+    ``requests``' errors are translated (HipChat calls and webhook deliveries both pass here).
+
+    A redirect hop would be a request that skipped the caller's checks (the call budget, a
+    webhook's signature on the right URL); a 3xx is the caller's to judge. ``where`` names the
+    request in messages (method and path, never a query string: it may hold a secret);
+    ``peer`` starts its DEBUG line."""
+    started = time.perf_counter()
+    try:
+        response = session.request(method, url, allow_redirects=False, **options)
+    except _TRANSPORT_ERRORS as exc:
+        _log(peer, where, type(exc).__name__, started)
+        raise TransportError(f"{where}: {_describe(exc)}", transport_retry_after) from exc
+    except requests.RequestException as exc:
+        _log(peer, where, type(exc).__name__, started)
+        # Their text may quote a URL or a header value: name only the kind, drop the cause.
+        raise ValidationError(
+            f"{where}: request refused by requests ({type(exc).__name__})"
+        ) from None
+    _log(peer, where, response.status_code, started)
+    return response
+
+
+def _log(peer: str, where: str, outcome: int | str, started: float) -> None:
     elapsed_ms = (time.perf_counter() - started) * 1000.0
-    log.debug("hipchat %s -> %s in %.1f ms", where, outcome, elapsed_ms)
+    log.debug("%s %s -> %s in %.1f ms", peer, where, outcome, elapsed_ms)
 
 
 def _describe(exc: requests.RequestException) -> str:

@@ -7,10 +7,6 @@ limit, never the value: a message body may be private and a token is never an ar
 
 from __future__ import annotations
 
-import base64
-import json
-import mimetypes
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -24,13 +20,11 @@ NOTIFICATION_MAX_CHARS = 10_000
 FROM_MAX_CHARS = 64
 ATTACH_TO_MAX_CHARS = 36
 ROOM_REF_MAX_CHARS = 100
-ROOM_NAME_MAX_CHARS = 50
 # HipChat's vocabularies, in the order people read them (the one place they are written).
 COLORS = ("yellow", "green", "red", "purple", "gray", "random")
 # Factor's documentation spells it "grey"; HipChat only knows "gray".
 COLOR_ALIASES = {"grey": "gray"}
 MESSAGE_FORMATS = ("text", "html")
-PRIVACIES = frozenset({"public", "private"})
 ROOM_ROLES = frozenset({"room_member", "room_admin"})
 
 RoomRef = int | str
@@ -42,9 +36,9 @@ def _fail(what: str, errors: list[str]) -> None:
         raise ValidationError(f"{what}: " + "; ".join(errors), errors)
 
 
-def _wrong_type(value: object, kind: type | tuple[type, ...]) -> bool:
+def _is_mapping(value: object) -> bool:
     """Callers are typed, but templates and the command line pass what users typed."""
-    return not isinstance(value, kind)
+    return isinstance(value, Mapping)
 
 
 def _length_error(field: str, value: object, low: int, high: int) -> str | None:
@@ -150,15 +144,14 @@ def notification_body(
     card: Mapping[str, Any] | None,
     attach_to: str | None,
 ) -> dict[str, Any]:
-    errors: list[str | None] = [
-        *message_errors(message, NOTIFICATION_MAX_CHARS),
-        *notification_errors(color, message_format, notify, from_),
-    ]
-    if card is not None and _wrong_type(card, Mapping):
+    errors = message_errors(message, NOTIFICATION_MAX_CHARS)
+    errors += notification_errors(color, message_format, notify, from_)
+    if card is not None and not _is_mapping(card):
         errors.append("card must be a mapping")
-    if attach_to is not None:
-        errors.append(_length_error("attach_to", attach_to, 1, ATTACH_TO_MAX_CHARS))
-    _fail("send_notification", [e for e in errors if e])
+    attach_error = attach_to and _length_error("attach_to", attach_to, 1, ATTACH_TO_MAX_CHARS)
+    if attach_error:
+        errors.append(attach_error)
+    _fail("send_notification", errors)
     body: dict[str, Any] = {
         "message": message,
         "color": color,
@@ -174,68 +167,9 @@ def notification_body(
     return body
 
 
-def create_room_body(name: str, privacy: str, topic: str | None) -> dict[str, Any]:
-    errors = [_length_error("name", name, 1, ROOM_NAME_MAX_CHARS)]
-    if privacy not in PRIVACIES:
-        errors.append("privacy must be public or private")
-    if topic is not None and _wrong_type(topic, str):
-        errors.append("topic must be a string")
-    _fail("create_room", [e for e in errors if e])
-    body: dict[str, Any] = {"name": name, "privacy": privacy}
-    if topic is not None:
-        body["topic"] = topic
-    return body
-
-
-def topic_body(topic: str) -> dict[str, Any]:
-    if _wrong_type(topic, str):
-        raise ValidationError("set_topic: topic must be a string")
-    return {"topic": topic}
-
-
 def member_body(roles: Sequence[str] | None) -> dict[str, Any] | None:
     if roles is None:
         return None
     if isinstance(roles, str) or not all(role in ROOM_ROLES for role in roles):
         raise ValidationError("add_member: roles must be a list of room_member / room_admin")
     return {"room_roles": list(roles)}
-
-
-def _has_control(value: object) -> bool:
-    return isinstance(value, str) and any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
-
-
-def _quoted(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def multipart_related(
-    filename: str, content: bytes, content_type: str | None, message: str | None
-) -> tuple[bytes, str]:
-    """``(body, Content-Type header)`` for ``share/file`` (§4.12): a JSON metadata part and
-    the file as base64, the way hipchat-go and hipchat-rb sent it."""
-    errors = [_length_error("filename", filename, 1, 255)]
-    if isinstance(filename, str) and _has_control(filename):
-        errors.append("filename must not contain control characters")
-    if _wrong_type(content, (bytes, bytearray)):
-        errors.append("content must be bytes")
-    if message is not None:
-        errors.append(_length_error("message", message, 0, MESSAGE_MAX_CHARS))
-    if content_type is not None and (not content_type or _has_control(content_type)):
-        errors.append("content_type must be a single non-empty line")
-    _fail("share_file", [e for e in errors if e])
-    kind = content_type or mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    boundary = uuid.uuid4().hex
-    metadata = json.dumps({"message": message or ""})
-    head = (
-        f"--{boundary}\r\n"
-        "Content-Type: application/json; charset=UTF-8\r\n"
-        'Content-Disposition: attachment; name="metadata"\r\n\r\n'
-        f"{metadata}\r\n"
-        f"--{boundary}\r\n"
-        f"Content-Type: {kind}\r\n"
-        "Content-Transfer-Encoding: base64\r\n"
-        f'Content-Disposition: attachment; name="file"; filename="{_quoted(filename)}"\r\n\r\n'
-    ).encode()
-    body = head + base64.b64encode(bytes(content)) + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/related; boundary={boundary}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -27,12 +26,11 @@ from tasks.targets import deliver
 
 log = logging.getLogger(__name__)
 
-DRAIN_LOCK_SECONDS = 120.0
-# A drain hands over to a fresh task (retry_after=0) after this many events or this long,
-# well inside the lock's lifetime: a drain that outlived its lock could run beside another
-# and break the order.
+# A drain hands over to a fresh task (retry_after=0) after this many events or this long, so
+# that one busy subscription does not hold a worker slot for ever (the drain lock itself is
+# renewed while the drain runs: see tasks.lease).
 MAX_EVENTS_PER_DRAIN = 500
-MAX_DRAIN_SECONDS = DRAIN_LOCK_SECONDS / 2
+MAX_DRAIN_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +51,10 @@ def backoff_seconds(
 
 
 def drain(rt: Runtime, subscription_id: int, now: datetime | None = None) -> DrainResult:
-    key = rt.keys.drain_lock(subscription_id)
-    owner = uuid.uuid4().hex
-    if not rt.lease.lock(key, owner, DRAIN_LOCK_SECONDS):
-        return DrainResult(busy=True)
-    try:
+    with rt.leases.drain(subscription_id) as held:
+        if not held:
+            return DrainResult(busy=True)
         return _drain_locked(rt, subscription_id, now)
-    finally:
-        rt.lease.unlock(key, owner)
 
 
 def _drain_locked(rt: Runtime, subscription_id: int, now: datetime | None) -> DrainResult:
@@ -109,7 +103,7 @@ def _failed(
 ) -> float | None:
     """Record a failed attempt; the wait before the next one, or None if it is now dead.
 
-    A 429 or an empty bucket is not a failure of the target: HipChat or our bucket stated
+    A 429 or a spent budget is not a failure of the target: HipChat or our budget stated
     the exact wait, so it is honoured as is and does not count against the attempts.
     """
     if isinstance(exc, RateLimited | BucketEmpty):

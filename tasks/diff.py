@@ -37,11 +37,12 @@ _EVENT_BY_TYPE = {
 }
 
 
-class Watermark(NamedTuple):
-    """The newest history item handled in a room. A plain ``(id, date)`` tuple is accepted
-    wherever a watermark is read."""
+class HistoryMark(NamedTuple):
+    """The newest history item handled in a room (the ``history`` row of
+    :class:`storage.models.Watermark`). ``id`` is None only for a room that was empty when
+    it was primed: then ``date`` is :data:`storage.watermarks.EMPTY_DATE`."""
 
-    id: str
+    id: str | None
     date: datetime
 
 
@@ -141,25 +142,23 @@ def merge_gap(
     return _after(merged, (watermark_date, watermark_id))
 
 
-def _as_watermark(msg: Message) -> Watermark:
-    return Watermark(msg.id, msg.date)
+def _as_watermark(msg: Message) -> HistoryMark:
+    return HistoryMark(msg.id, msg.date)
 
 
-def next_watermark(
-    current: tuple[str, datetime] | None, new_items: Iterable[Message]
-) -> Watermark | None:
+def next_watermark(current: HistoryMark | None, new_items: Iterable[Message]) -> HistoryMark | None:
     """The newest of ``current`` and ``new_items`` in ``(date, id)`` order. Never moves
-    backwards, whatever order or content ``new_items`` has."""
+    backwards, whatever order or content ``new_items`` has. A ``current`` without an id
+    (an empty room) orders before every item of its date."""
     newest = max(new_items, key=_order_key, default=None)
     if current is None:
         return None if newest is None else _as_watermark(newest)
-    cur = Watermark(*current)
-    if newest is None or _order_key(newest) <= (cur.date, cur.id):
-        return cur
+    if newest is None or _order_key(newest) <= (current.date, current.id or ""):
+        return current
     return _as_watermark(newest)
 
 
-def prime_watermark(items: Iterable[Message]) -> Watermark | None:
+def prime_watermark(items: Iterable[Message]) -> HistoryMark | None:
     """Where a new subscription starts: the newest item of a priming fetch, ``None`` for an
     empty room (then the next poll sees every item as new, which is right: they came after
     the subscription was created)."""

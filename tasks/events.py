@@ -56,9 +56,10 @@ from dataclasses import asdict
 from typing import Any
 from urllib.parse import urlsplit
 
+from storage.rooms import RoomSnapshot
 from storage.vocabulary import PARTICIPANT_EVENTS, ROOM_LIST_EVENTS, Event
 from tasks.hipchat_types import Message, Room, UserStub
-from tasks.rooms_diff import RoomChange, RoomState
+from tasks.rooms_diff import RoomChange
 
 MAX_KEY_CHARS = 200
 _ONCE_PER_ROOM = frozenset({Event.ROOM_CREATED, Event.ROOM_DELETED})
@@ -191,7 +192,7 @@ def message_event(
     )
 
 
-def _room_json(room: Room | RoomState, base_url: str | None) -> JSON:
+def _room_json(room: Room | RoomSnapshot, base_url: str | None) -> JSON:
     if isinstance(room, Room):
         return dict(room.raw)
     stub = room_stub(base_url, room.id, room.name) if base_url else {}

@@ -84,8 +84,3 @@ def compile_filter(pattern: str) -> CompiledFilter:
     except re2.error as exc:
         raise _refuse(pattern, _reason(exc)) from exc
     return CompiledFilter(pattern, regex)
-
-
-def validate_filter(pattern: str) -> None:
-    """Raise ``ValidationError`` if ``pattern`` would be refused by :func:`compile_filter`."""
-    compile_filter(pattern)

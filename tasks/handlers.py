@@ -25,6 +25,7 @@ from typing import Any
 from storage import connections as conns
 from storage import subscriptions as subs
 from storage.errors import HipChatPollerError, ServerError, ValidationError
+from tasks.actions import Actions
 from tasks.runtime import Runtime
 from tasks.subscribe import SubscriptionSpec, validate_spec
 from tasks.subscriptions_api import SubView, create_subscriptions
@@ -165,8 +166,6 @@ def resolve(ref: str) -> HandlerFn:
 
 
 def call_handler(rt: Runtime, sub: SubView, event: dict[str, Any]) -> str:
-    from tasks.actions import Actions
-
     fn = resolve(str(sub.target["handler"]))
     try:
         fn(event, Actions(rt, sub.connection_id))

@@ -16,14 +16,14 @@ class Keys:
     def _conn(self, connection_id: int) -> str:
         return f"{self.prefix}:{{conn:{connection_id}}}"
 
-    def bucket_log(self, connection_id: int) -> str:
+    def budget_log(self, connection_id: int) -> str:
         """Sorted set: the calls granted in the last window, scored by their Redis TIME in
-        microseconds (the sliding log :mod:`tasks.bucket` enforces)."""
-        return f"{self._conn(connection_id)}:bucket-log"
+        microseconds (the sliding log :mod:`tasks.budget` enforces)."""
+        return f"{self._conn(connection_id)}:budget-log"
 
-    def bucket_ceiling(self, connection_id: int) -> str:
+    def budget_ceiling(self, connection_id: int) -> str:
         """Hash {remaining, reset_at}: HipChat's own budget, which shrinks ours until reset."""
-        return f"{self._conn(connection_id)}:ceiling"
+        return f"{self._conn(connection_id)}:budget-ceiling"
 
     def poll_lease(self, connection_id: int) -> str:
         """String: owner of the running poll of this connection (SET NX PX)."""

@@ -1,12 +1,14 @@
 """One poll of one connection: fetch, diff against watermarks, commit events and watermarks.
 
-This is the orchestrator of the poll; the diff itself is pure (:mod:`tasks.diff`,
-:mod:`tasks.rooms_diff`) and the events are built by :mod:`tasks.events`.
+This is the orchestrator of the poll: what it reads and in which order comes from
+:mod:`tasks.poll_plan`, the diff itself is pure (:mod:`tasks.diff`, :mod:`tasks.rooms_diff`)
+and the events are built by :mod:`tasks.events`.
 
 Per poll, for each watched room, the room's history is fetched **once** whatever the number
 of triggers on it; the participant list once per room with enter/exit triggers; the room
 list once (every page) when a room-list trigger exists. These streams are read least
-recently polled first (:func:`plan`), so a budget that runs out mid-poll starves none.
+recently polled first (:func:`tasks.poll_plan.plan`), so a budget that runs out mid-poll
+starves none.
 Each stream's new events, its watermark advance and the priming of its subscriptions are
 committed in **one transaction**; the caller enqueues delivery of the returned event ids
 only after that.
@@ -15,11 +17,12 @@ only after that.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from storage import connections as conns
 from storage import outbox, watermarks
@@ -34,19 +37,14 @@ from storage.errors import (
 )
 from storage.outbox import NewEvent
 from storage.rooms import ParticipantSnapshot, RoomSnapshot
-from storage.vocabulary import (
-    HISTORY_EVENTS,
-    PARTICIPANT_EVENTS,
-    ROOM_LIST_EVENTS,
-    ROOM_LIST_ROOM_ID,
-    Event,
-    Stream,
-)
+from storage.vocabulary import ROOM_LIST_ROOM_ID, Event, Stream
 from tasks import diff, events
 from tasks.client import HipChatClient
+from tasks.diff import HistoryMark
 from tasks.filters import compile_filter
 from tasks.hipchat_types import Message, Room
-from tasks.rooms_diff import RoomState, diff_participants, diff_rooms
+from tasks.poll_plan import ConnView, StreamRead, load, plan, resolve_rooms
+from tasks.rooms_diff import diff_participants, diff_rooms
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import SubView
 
@@ -59,7 +57,6 @@ class PollResult:
     skipped: str | None = None
     # subscription id -> ids of the outbox events this poll committed for it
     dispatch: dict[int, list[int]] = field(default_factory=dict)
-    rooms_polled: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -73,16 +70,6 @@ class PollResult:
     @property
     def event_count(self) -> int:
         return sum(len(ids) for ids in self.dispatch.values())
-
-
-@dataclass(frozen=True, slots=True)
-class ConnView:
-    id: int
-    name: str
-    base_url: str
-
-    def summary(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name}
 
 
 class Poll:
@@ -111,7 +98,7 @@ class Poll:
         except NotFound:
             if stream.kind == Stream.ROOMS:
                 raise  # no room to blame: the base URL is wrong
-            self._room_gone(stream.room_id, stream.subs)
+            self.room_gone(stream.room_id, stream.subs)
         except MalformedResponse as exc:  # nothing is diffed from a bad answer
             self._malformed(stream.room_id, exc)
 
@@ -131,10 +118,7 @@ class Poll:
                     )
         else:
             new_items = self._fetch_new(room_id, mark, page)
-            last_id, last_date = mark
-            new_mark = diff.next_watermark(
-                (last_id, last_date) if last_id is not None else None, new_items
-            )
+            new_mark = diff.next_watermark(mark if mark.id is not None else None, new_items)
             for sub in room_subs:
                 if sub.primed:
                     new_events += self._history_events(sub, new_items)
@@ -143,17 +127,14 @@ class Poll:
                     new_events += self._history_events(
                         sub, diff.backfill_items(recent, sub.backfill)
                     )
-        self.result.rooms_polled += 1
         self._commit(
             room_id, Stream.HISTORY, new_mark, new_events, [s for s in room_subs if not s.primed]
         )
 
-    def _fetch_new(
-        self, room_id: int, mark: tuple[str | None, datetime], page: int
-    ) -> list[Message]:
+    def _fetch_new(self, room_id: int, mark: HistoryMark, page: int) -> list[Message]:
         """Every item after the watermark, oldest first. A watermark without an id was
         primed on an empty room: everything since is new, which may be more than a page."""
-        last_id, last_date = mark
+        last_id, last_date = mark.id, mark.date
         try:
             items = self.client.latest_history(room_id, not_before=last_id, max_results=page)
         except BadRequest:
@@ -232,7 +213,6 @@ class Poll:
             )
             inserted = self._store(s, found, [x for x in room_subs if not x.primed])
         self._committed(inserted)
-        self.result.rooms_polled += 1
 
     def _participant_event(self, sub: SubView, user: Any, generation: str) -> NewEvent:
         payload = events.participant_event(
@@ -251,10 +231,7 @@ class Poll:
         with self.rt.db.session() as s:  # one transaction, generation first: see above
             generation = _generation(s, self.conn.id, ROOM_LIST_ROOM_ID, Stream.ROOMS)
             stored = room_store.known_rooms(s, self.conn.id)
-            known = {
-                rid: RoomState(rid, r.name, r.privacy, r.is_archived, r.topic)
-                for rid, r in stored.items()
-            }
+            known = {rid: room_store.room_snapshot(row) for rid, row in stored.items()}
             found: list[NewEvent] = []
             if generation is not None:
                 for change in diff_rooms(known, current):
@@ -275,29 +252,29 @@ class Poll:
         self._committed(inserted)
 
     # -- shared pieces --------------------------------------------------------------------
-    def _watermark(self, room_id: int, stream: str) -> tuple[str | None, datetime] | None:
+    def _watermark(self, room_id: int, stream: str) -> HistoryMark | None:
         with self.rt.db.session() as s:
             row = watermarks.get_watermark(s, self.conn.id, room_id, stream)
-            return (row.last_id, row.last_date) if row is not None else None
+            return HistoryMark(row.last_id, row.last_date) if row is not None else None
 
     def _commit(
         self,
         room_id: int,
         stream: str,
-        mark: tuple[str, datetime] | None,
+        mark: HistoryMark | None,
         found: list[NewEvent],
         priming: list[SubView],
     ) -> None:
+        # Still empty: (None, EMPTY_DATE) says "looked, saw nothing"; the advance also
+        # refreshes updated_at, which orders the streams of the next poll (see poll_plan).
+        mark = mark or HistoryMark(None, watermarks.EMPTY_DATE)
         with self.rt.db.session() as s:
-            # Still empty: (None, EMPTY_DATE) is what mark_empty writes, but an advance also
-            # refreshes updated_at, which orders the streams of the next poll (see plan).
-            last_id, last_date = mark if mark is not None else (None, watermarks.EMPTY_DATE)
-            watermarks.advance_watermark(s, self.conn.id, room_id, stream, last_id, last_date)
+            watermarks.advance_watermark(s, self.conn.id, room_id, stream, mark.id, mark.date)
             inserted = self._store(s, found, priming)
         self._committed(inserted)
 
     def _store(
-        self, s: Any, found: list[NewEvent], priming: list[SubView]
+        self, s: Session, found: list[NewEvent], priming: list[SubView]
     ) -> list[tuple[int, int]]:
         """Write events and priming marks; (subscription id, event id) of each new event."""
         inserted = outbox.add_events(s, found)
@@ -331,7 +308,8 @@ class Poll:
             self.conn.base_url, sub.room_id or 0, sub.room_name or sub.room or ""
         )
 
-    def _room_gone(self, room_id: int, room_subs: list[SubView]) -> None:
+    def room_gone(self, room_id: int, room_subs: list[SubView]) -> None:
+        """The room is not on HipChat: its subscriptions go to ``error`` with the reason."""
         reason = f"room {room_subs[0].room or room_id} not found"
         self.result.problems.append(reason)
         with self.rt.db.session() as s:
@@ -339,7 +317,7 @@ class Poll:
                 subs.set_subscription_state(s, sub.id, "error", reason)
 
 
-def _generation(s: Any, conn_id: int, room_id: int, stream: str) -> str | None:
+def _generation(s: Session, conn_id: int, room_id: int, stream: str) -> str | None:
     """The stored snapshot's time: the same for every poll that diffs against it, so a
     redelivered or concurrent poll builds the same idempotency keys. None: not primed.
 
@@ -349,96 +327,6 @@ def _generation(s: Any, conn_id: int, room_id: int, stream: str) -> str | None:
     keys). The poll lease keeps polls of one connection from overlapping in the first place."""
     mark = watermarks.get_watermark(s, conn_id, room_id, stream)
     return mark.last_date.isoformat() if mark is not None else None
-
-
-def load(rt: Runtime, connection_id: int) -> tuple[ConnView, str, list[SubView]] | None:
-    with rt.db.session() as s:
-        row = conns.get_connection(s, connection_id)
-        if row is None or row.state != "active":
-            return None
-        token = conns.decrypt_token(row, rt.cipher)
-        views = [SubView.of(x) for x in subs.active_subscriptions(s, connection_id)]
-        return ConnView(row.id, row.name, row.base_url), token, views
-
-
-def resolve_rooms(rt: Runtime, poll: Poll, views: list[SubView]) -> list[SubView]:
-    """Give every room subscription its numeric room id and HipChat's name for it (one lookup
-    per unresolved room, once: both are stored)."""
-    resolved: dict[str, tuple[int, str]] = {}
-    out = []
-    for view in views:
-        if view.event in ROOM_LIST_EVENTS or (view.room_id is not None and view.room_name):
-            out.append(view)
-            continue
-        room = str(view.room_id) if view.room_id is not None else view.room or ""
-        if room not in resolved:
-            try:
-                found = poll.client.find_room(room)
-            except NotFound:
-                poll._room_gone(0, [view])
-                continue
-            resolved[room] = (found.id, found.name)
-        room_id, room_name = resolved[room]
-        with rt.db.session() as s:
-            subs.set_room_id(s, view.id, room_id, room_name)
-        out.append(_with_room(view, room_id, room_name))
-    return out
-
-
-def _with_room(view: SubView, room_id: int, room_name: str) -> SubView:
-    data = {f: getattr(view, f) for f in SubView.__slots__}
-    data.update(room_id=room_id, room_name=room_name)
-    return SubView(**data)
-
-
-def group_by_room(views: list[SubView], kinds: frozenset[str]) -> dict[int, list[SubView]]:
-    grouped: dict[int, list[SubView]] = defaultdict(list)
-    for view in views:
-        if view.event in kinds and view.room_id is not None:
-            grouped[view.room_id].append(view)
-    return dict(grouped)
-
-
-@dataclass(frozen=True, slots=True)
-class StreamRead:
-    """What one poll reads once: a room's history or participants, or the room list."""
-
-    kind: Stream
-    room_id: int
-    subs: list[SubView]
-
-
-def plan(
-    rt: Runtime, conn_id: int, views: list[SubView], done_since: datetime | None = None
-) -> list[StreamRead]:
-    """Every stream the subscriptions need, the least recently polled first (never polled:
-    first of all); streams polled at or after ``done_since`` are left out.
-
-    A poll that runs out of budget stops (BucketEmpty) and the next one starts again: in a
-    fixed order the streams at the end would never be reached. ``done_since`` is when an
-    earlier attempt of the same interval's poll started: what it did is not done twice.
-    """
-    streams = [
-        StreamRead(Stream.HISTORY, rid, s)
-        for rid, s in group_by_room(views, HISTORY_EVENTS).items()
-    ]
-    streams += [
-        StreamRead(Stream.PARTICIPANTS, rid, s)
-        for rid, s in group_by_room(views, PARTICIPANT_EVENTS).items()
-    ]
-    listing = [v for v in views if v.event in ROOM_LIST_EVENTS]
-    if listing:
-        streams.append(StreamRead(Stream.ROOMS, ROOM_LIST_ROOM_ID, listing))
-    never = datetime.min.replace(tzinfo=UTC)
-    with rt.db.session() as s:
-        marks = watermarks.connection_watermarks(s, conn_id)
-    polled = {}
-    for stream in streams:
-        mark = marks.get((stream.room_id, stream.kind))
-        polled[(stream.kind, stream.room_id)] = mark.updated_at if mark else never
-    if done_since is not None:
-        streams = [x for x in streams if polled[(x.kind, x.room_id)] < done_since]
-    return sorted(streams, key=lambda x: polled[(x.kind, x.room_id)])  # stable on ties
 
 
 def poll_connection(
@@ -468,7 +356,7 @@ def poll_connection(
     with rt.client(conn.id, conn.base_url, token) as client:
         poll = Poll(rt, conn, client, now, result)
         try:
-            views = resolve_rooms(rt, poll, views)
+            views = resolve_rooms(rt, client, views, lambda view: poll.room_gone(0, [view]))
             for stream in plan(rt, conn.id, views, done_since):
                 poll.poll_stream(stream)
         except (AuthFailed, Forbidden) as exc:

@@ -3,7 +3,7 @@
 The client factory: a real client from ``settings.redis_url``, or in embedded mode
 (no URL) an in-process fakeredis client on the one :func:`embedded_server` of this process.
 
-Every client of one process shares the embedded server, so the bucket, the leases and the
+Every client of one process shares the embedded server, so the budget, the leases and the
 broker see the same data. Processes do not share it: embedded mode is for one process (tests,
 demos, ``--pool=solo`` or threads), never for several workers.
 """
@@ -29,7 +29,7 @@ SOCKET_CONNECT_TIMEOUT_SECONDS = 2.0
 SOCKET_TIMEOUT_SECONDS = 5.0
 HEALTH_CHECK_INTERVAL_SECONDS = 30
 # redis-py's default retries ten times over several seconds. A worker is better served by
-# failing fast into StorageUnavailable and letting Celery retry the task; a retried bucket
+# failing fast into StorageUnavailable and letting Celery retry the task; a retried budget
 # take whose first reply was lost can only count a call twice, never lose one.
 RETRIES = 2
 RETRY_BACKOFF_BASE_SECONDS = 0.05
@@ -59,15 +59,15 @@ def load_script(name: str) -> str:
 
 
 @contextmanager
-def redis_errors(action: str, connection_id: int) -> Iterator[None]:
-    """Translate redis-py's availability errors into :class:`StorageUnavailable`."""
+def redis_errors(action: str, about: str) -> Iterator[None]:
+    """Translate redis-py's availability errors into :class:`StorageUnavailable`; ``about``
+    names what the command was for (``"connection 7"``, ``"subscription 3"``)."""
     try:
         yield
     except _UNAVAILABLE as exc:
         detail = _PASSWORD_ARG.sub(r"\1***", _URL_CREDENTIALS.sub("***@", str(exc)))
         raise StorageUnavailable(
-            f"Redis unavailable during {action} for connection {connection_id}: "
-            f"{type(exc).__name__}: {detail}",
+            f"Redis unavailable during {action} for {about}: {type(exc).__name__}: {detail}",
             retry_after=STORAGE_RETRY_AFTER_SECONDS,
         ) from exc
 

@@ -17,46 +17,26 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from storage.rooms import RoomSnapshot
 from storage.vocabulary import Event
 from tasks.hipchat_types import Room, UserStub
 
 
 @dataclass(frozen=True)
-class RoomState:
-    """What is stored about a room between polls."""
-
-    id: int
-    name: str
-    privacy: str
-    is_archived: bool
-    topic: str | None
-
-
-@dataclass(frozen=True)
 class RoomChange:
     """One room event. ``room`` is the fresh :class:`Room` from the list, or the stored
-    :class:`RoomState` for ``room_deleted`` (the room is no longer listed)."""
+    :class:`~storage.rooms.RoomSnapshot` for ``room_deleted`` (the room is no longer listed)."""
 
     event: Event
-    room: Room | RoomState
+    room: Room | RoomSnapshot
 
 
-def room_state(room: Room) -> RoomState:
-    return RoomState(
-        id=room.id,
-        name=room.name,
-        privacy=room.privacy,
-        is_archived=room.is_archived,
-        topic=room.topic,
-    )
-
-
-def snapshot(rooms: Iterable[Room]) -> dict[int, RoomState]:
+def snapshot(rooms: Iterable[Room]) -> dict[int, RoomSnapshot]:
     """The state to store after a poll, keyed by room id."""
-    return {room.id: room_state(room) for room in rooms}
+    return {room.id: RoomSnapshot.of(room) for room in rooms}
 
 
-def _changes_of(room: Room, before: RoomState | None) -> list[RoomChange]:
+def _changes_of(room: Room, before: RoomSnapshot | None) -> list[RoomChange]:
     if before is None:
         # Created and archived between two polls: both happened, report both, in order.
         events = [Event.ROOM_CREATED]
@@ -69,7 +49,7 @@ def _changes_of(room: Room, before: RoomState | None) -> list[RoomChange]:
     return [RoomChange(event, room) for event in events]
 
 
-def diff_rooms(known: Mapping[int, RoomState], current: list[Room]) -> list[RoomChange]:
+def diff_rooms(known: Mapping[int, RoomSnapshot], current: list[Room]) -> list[RoomChange]:
     """Room events between the stored snapshot and the complete current list.
 
     Order: created/archived/unarchived in the order of ``current``, then deleted rooms by

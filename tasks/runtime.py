@@ -17,11 +17,11 @@ import requests
 
 from storage.crypto import TokenCipher, load_or_create_key
 from storage.db import Database
-from tasks.bucket import TokenBucket
+from tasks.budget import SlidingLogBudget
 from tasks.client import HipChatClient
 from tasks.hipchat_types import RateLimitInfo
 from tasks.keys import Keys
-from tasks.lease import PollLease
+from tasks.lease import Leases
 from tasks.redis_conn import connect
 from tasks.settings import Settings
 
@@ -70,8 +70,8 @@ class Runtime:
         return TokenCipher(key)
 
     @cached_property
-    def bucket(self) -> TokenBucket:
-        return TokenBucket(
+    def budget(self) -> SlidingLogBudget:
+        return SlidingLogBudget(
             self.redis,
             self.keys,
             capacity=self.settings.bucket_capacity,
@@ -84,17 +84,17 @@ class Runtime:
         return requests.Session()
 
     @cached_property
-    def lease(self) -> PollLease:
-        return PollLease(self.redis, self.keys)
+    def leases(self) -> Leases:
+        return Leases(self.redis, self.keys)
 
     def client(self, connection_id: int, base_url: str, token: str) -> HipChatClient:
-        """A client whose every request first takes a token from the connection's bucket."""
+        """A client whose every request first takes a token from the connection's budget."""
 
         def before_request() -> None:
-            self.bucket.acquire(connection_id)
+            self.budget.acquire(connection_id)
 
         def on_rate_limit(info: RateLimitInfo) -> None:
-            self.bucket.observe(connection_id, remaining=info.remaining, reset_at=info.reset_at)
+            self.budget.observe(connection_id, remaining=info.remaining, reset_at=info.reset_at)
 
         return HipChatClient(
             base_url,

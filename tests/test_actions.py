@@ -394,12 +394,12 @@ def test_every_action_takes_one_token_per_hipchat_call(
     call: Callable[[Actions], object],
     hipchat_calls: int,
 ) -> None:
-    before = rt.bucket.peek(conn_id).remaining
+    before = rt.budget.peek(conn_id).remaining
 
     call(api)
 
     assert calls(emulator) == hipchat_calls
-    assert rt.bucket.peek(conn_id).remaining == before - hipchat_calls
+    assert rt.budget.peek(conn_id).remaining == before - hipchat_calls
 
 
 @pytest.fixture

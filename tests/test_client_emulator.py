@@ -30,6 +30,7 @@ from storage.errors import (
 )
 from tasks.client import HipChatClient
 from tasks.hipchat_types import RateLimitInfo
+from tests.hipchat_admin import AdminClient
 
 Factory = Callable[..., HipChatClient]
 
@@ -68,12 +69,12 @@ def token(emulator: EmulatorServer, alice: dict[str, Any]) -> str:
 def make_client(emulator: EmulatorServer, token: str, recorder: Recorder) -> Iterator[Factory]:
     made: list[HipChatClient] = []
 
-    def factory(server: EmulatorServer | None = None, **kwargs: Any) -> HipChatClient:
+    def factory(server: EmulatorServer | None = None, **kwargs: Any) -> AdminClient:
         session = requests.Session()
         session.hooks["response"].append(recorder.hook)
         kwargs.setdefault("before_request", recorder.take)
         kwargs.setdefault("on_rate_limit", recorder.limits.append)
-        client = HipChatClient(
+        client = AdminClient(
             (server or emulator).base_url, kwargs.pop("token", token), session=session, **kwargs
         )
         made.append(client)
@@ -85,14 +86,14 @@ def make_client(emulator: EmulatorServer, token: str, recorder: Recorder) -> Ite
 
 
 @pytest.fixture
-def client(make_client: Factory) -> HipChatClient:
+def client(make_client: Factory) -> AdminClient:
     return make_client()
 
 
 # -- every endpoint ---------------------------------------------------------------------------
 
 
-def test_rooms_round_trip(client: HipChatClient, emulator: EmulatorServer) -> None:
+def test_rooms_round_trip(client: AdminClient, emulator: EmulatorServer) -> None:
     room_id = client.create_room("Round Trip", privacy="private", topic="first")
     room = client.get_room(room_id)
     assert (room.id, room.name, room.privacy, room.topic) == (
@@ -115,7 +116,7 @@ def test_rooms_round_trip(client: HipChatClient, emulator: EmulatorServer) -> No
 
 
 def test_history_round_trip_with_both_shapes_of_from(
-    client: HipChatClient, emulator: EmulatorServer, alice: dict[str, Any]
+    client: AdminClient, emulator: EmulatorServer, alice: dict[str, Any]
 ) -> None:
     room_id = client.create_room("History Room")
     sent = client.send_message(room_id, "hello @alicec")
@@ -155,9 +156,7 @@ def test_history_round_trip_with_both_shapes_of_from(
     ]
 
 
-def test_history_pages_and_dates(
-    client: HipChatClient, emulator: EmulatorServer, token: str
-) -> None:
+def test_history_pages_and_dates(client: AdminClient, emulator: EmulatorServer, token: str) -> None:
     room_id = client.create_room("Paged History")
     user = emulator.state.create_user("Poster", "poster")
     for i in range(7):
@@ -180,13 +179,13 @@ def test_history_pages_and_dates(
 def small_pages(
     base_url: str, token: str, room_id: int, newest: datetime, oldest: datetime
 ) -> list[list[str]]:
-    with HipChatClient(base_url, token, page_size=3) as small:
+    with AdminClient(base_url, token, page_size=3) as small:
         pages = small.iter_history(room_id, date=newest, end_date=oldest)
         return [[m.text for m in page] for page in pages]
 
 
 def test_people_round_trip(
-    client: HipChatClient, emulator: EmulatorServer, alice: dict[str, Any]
+    client: AdminClient, emulator: EmulatorServer, alice: dict[str, Any]
 ) -> None:
     room_id = client.create_room("People", privacy="private")
     bob = emulator.state.create_user("Bob Client", "bobc", "bob.client@example.com")
@@ -210,7 +209,7 @@ def test_people_round_trip(
         )
 
 
-def test_auth_test(make_client: Factory, client: HipChatClient) -> None:
+def test_auth_test(make_client: Factory, client: AdminClient) -> None:
     assert client.auth_test() is True
     assert make_client(token="not-a-token").auth_test() is False
 
@@ -221,7 +220,7 @@ def test_auth_test(make_client: Factory, client: HipChatClient) -> None:
 @pytest.mark.parametrize(
     "name", ["Ops Room 2", "a/b/c", "Été ☕ café", "C++ & 100% + more?", "#hash;semi"]
 )
-def test_awkward_room_names_work_everywhere(client: HipChatClient, name: str) -> None:
+def test_awkward_room_names_work_everywhere(client: AdminClient, name: str) -> None:
     room_id = client.create_room(name)
     assert client.get_room(name).id == room_id
     client.send_message(name, "by name")
@@ -233,7 +232,7 @@ def test_awkward_room_names_work_everywhere(client: HipChatClient, name: str) ->
         client.get_room(name)
 
 
-def test_room_names_are_case_sensitive(client: HipChatClient) -> None:
+def test_room_names_are_case_sensitive(client: AdminClient) -> None:
     client.create_room("CaseRoom")
     with pytest.raises(NotFound):
         client.get_room("caseroom")
@@ -243,7 +242,7 @@ def test_room_names_are_case_sensitive(client: HipChatClient) -> None:
 
 
 def test_list_rooms_pages_past_1000(
-    client: HipChatClient, emulator: EmulatorServer, recorder: Recorder, token: str
+    client: AdminClient, emulator: EmulatorServer, recorder: Recorder, token: str
 ) -> None:
     before = {r.id for r in client.list_rooms()}
     created = {emulator.state.create_room(f"bulk {i:04d}")["id"] for i in range(1050)}
@@ -277,7 +276,7 @@ def test_full_page_without_next_is_still_followed(
 
 
 def test_each_status_maps_to_its_error(
-    client: HipChatClient,
+    client: AdminClient,
     make_client: Factory,
     emulator: EmulatorServer,
     alice: dict[str, Any],
@@ -287,7 +286,7 @@ def test_each_status_maps_to_its_error(
         client.set_topic(room_id, "t" * 251)  # the server's limit, not ours
     assert bad.value.status == 400
     with pytest.raises(BadRequest) as wrong_method:
-        client._request("PATCH", f"/room/{room_id}")
+        client._http.request("PATCH", f"/room/{room_id}")
     assert wrong_method.value.status == 405
     with pytest.raises(AuthFailed):
         make_client(token="not-a-token").get_room(room_id)
@@ -334,7 +333,7 @@ def test_flood_control_is_a_429_with_flood_control(
 
 
 def test_every_call_takes_a_bucket_token_and_sends_no_token_in_urls(
-    client: HipChatClient, emulator: EmulatorServer, recorder: Recorder, token: str
+    client: AdminClient, emulator: EmulatorServer, recorder: Recorder, token: str
 ) -> None:
     room_id = client.create_room("Counted")
     client.send_message(room_id, "x")
@@ -356,7 +355,7 @@ def test_every_call_takes_a_bucket_token_and_sends_no_token_in_urls(
 
 
 def _provoke(
-    client: HipChatClient, emulator: EmulatorServer, kind: str, **fault: Any
+    client: AdminClient, emulator: EmulatorServer, kind: str, **fault: Any
 ) -> HipChatPollerError:
     room_id = client.create_room(f"fault {kind}")
     emulator.state.inject_fault(kind, path_prefix=f"/v2/room/{room_id}", **fault)
@@ -378,7 +377,7 @@ def _provoke(
     ],
 )
 def test_injected_faults(
-    client: HipChatClient,
+    client: AdminClient,
     emulator: EmulatorServer,
     kind: str,
     fault: dict[str, Any],
@@ -405,9 +404,7 @@ def test_delay_beyond_the_read_timeout_is_a_transport_error(
     assert "timed out" in str(exc)
 
 
-def test_reset_quirk_reads_sixty_as_seconds(
-    client: HipChatClient, emulator: EmulatorServer
-) -> None:
+def test_reset_quirk_reads_sixty_as_seconds(client: AdminClient, emulator: EmulatorServer) -> None:
     emulator.state.inject_fault("reset_quirk")
     emulator.state.inject_fault("rate_limit")
     started = time.time()
@@ -425,13 +422,13 @@ def test_connection_refused_is_a_transport_error(
     server = make_emulator()
     base_url = server.base_url
     server.stop()
-    gone = HipChatClient(base_url, "admin-token", timeout=(0.5, 0.5))
+    gone = AdminClient(base_url, "admin-token", timeout=(0.5, 0.5))
     with gone, pytest.raises(TransportError, match=r"^GET /v2/room/1: connection failed"):
         gone.get_room(1)
 
 
 def test_history_dates_are_aware_and_round_trip(
-    client: HipChatClient, emulator: EmulatorServer
+    client: AdminClient, emulator: EmulatorServer
 ) -> None:
     room_id = client.create_room("Dates")
     client.send_message(room_id, "x")

@@ -24,6 +24,7 @@ from tasks.ratelimit_headers import (
     retry_after_seconds,
     too_many_requests,
 )
+from tests.hipchat_admin import multipart_related
 
 NOW = 1_800_000_000.0
 
@@ -320,7 +321,7 @@ def _parts(body: bytes, content_type: str) -> list[EmailMessage]:
 
 def test_multipart_related_has_metadata_and_base64_file() -> None:
     content = bytes(range(256)) * 3
-    body, kind = inputs.multipart_related('ré"port.png', content, None, "look")
+    body, kind = multipart_related('ré"port.png', content, None, "look")
     metadata, file_part = _parts(body, kind)
     assert metadata.get_content_type() == "application/json"
     assert metadata["Content-Disposition"].params["name"] == "metadata"
@@ -333,11 +334,11 @@ def test_multipart_related_has_metadata_and_base64_file() -> None:
 
 
 def test_multipart_related_defaults() -> None:
-    body, kind = inputs.multipart_related("blob", b"", "text/plain", None)
+    body, kind = multipart_related("blob", b"", "text/plain", None)
     metadata, file_part = _parts(body, kind)
     assert json.loads(metadata.get_payload()) == {"message": ""}
     assert file_part.get_content_type() == "text/plain"
-    body, kind = inputs.multipart_related("data.unknownext", b"x", None, None)
+    body, kind = multipart_related("data.unknownext", b"x", None, None)
     assert _parts(body, kind)[1].get_content_type() == "application/octet-stream"
 
 
@@ -355,4 +356,4 @@ def test_multipart_related_refuses(
     filename: str, content: object, content_type: str | None, message: str | None
 ) -> None:
     with pytest.raises(ValidationError):
-        inputs.multipart_related(filename, content, content_type, message)  # type: ignore[arg-type]
+        multipart_related(filename, content, content_type, message)  # type: ignore[arg-type]

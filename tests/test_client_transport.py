@@ -38,6 +38,7 @@ from storage.errors import (
 from tasks.client import HipChatClient
 from tasks.client_http import new_session
 from tasks.hipchat_types import RateLimitInfo
+from tests.hipchat_admin import AdminClient
 
 TOKEN = "tok-S3CRET-9f8e7d6c5b4a"
 BASE = "https://hipchat.example"
@@ -96,12 +97,12 @@ def reply(body: Any = None, status: int = 200, headers: Mapping[str, str] | None
     return lambda _request: (status, body, dict(headers or {}))
 
 
-def make(handler: Handler, **kwargs: Any) -> tuple[HipChatClient, FakeTransport]:
+def make(handler: Handler, **kwargs: Any) -> tuple[AdminClient, FakeTransport]:
     transport = FakeTransport(handler)
     session = requests.Session()
     session.mount("https://", transport)
     session.mount("http://", transport)
-    return HipChatClient(kwargs.pop("base_url", BASE), TOKEN, session=session, **kwargs), transport
+    return AdminClient(kwargs.pop("base_url", BASE), TOKEN, session=session, **kwargs), transport
 
 
 def user(i: int) -> dict[str, Any]:
@@ -163,13 +164,13 @@ def test_base_url_is_normalised(given: str, normalised: str) -> None:
 )
 def test_base_url_must_be_http(bad: str) -> None:
     with pytest.raises(ValidationError):
-        HipChatClient(bad, TOKEN)
+        AdminClient(bad, TOKEN)
 
 
 @pytest.mark.parametrize("token", ["", "two words", "line\nbreak", "tab\t"])
 def test_bad_tokens_are_refused_without_echo(token: str) -> None:
     with pytest.raises(ValidationError) as info:
-        HipChatClient(BASE, token)
+        AdminClient(BASE, token)
     assert not token.strip() or token not in str(info.value)
 
 
@@ -178,7 +179,7 @@ def test_bad_tokens_are_refused_without_echo(token: str) -> None:
 )
 def test_bad_settings_are_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
-        HipChatClient(BASE, TOKEN, **kwargs)
+        AdminClient(BASE, TOKEN, **kwargs)
 
 
 def test_default_session_pools_and_never_retries() -> None:
@@ -192,7 +193,7 @@ def test_default_session_pools_and_never_retries() -> None:
 
 
 def test_close_closes_only_an_owned_session() -> None:
-    client = HipChatClient(BASE, TOKEN)
+    client = AdminClient(BASE, TOKEN)
     closed: list[bool] = []
     client._http._session.close = lambda: closed.append(True)  # type: ignore[method-assign]
     with client:

@@ -11,8 +11,8 @@ import pytest
 
 from storage.errors import ValidationError
 from tasks.diff import (
+    HistoryMark,
     LatestDiff,
-    Watermark,
     backfill_items,
     classify,
     diff_latest,
@@ -256,7 +256,7 @@ class RoomHistory:
         return window[-max_results:]
 
 
-def poll(room: RoomHistory, wm: Watermark, size: int) -> tuple[list[Message], Watermark]:
+def poll(room: RoomHistory, wm: HistoryMark, size: int) -> tuple[list[Message], HistoryMark]:
     latest = room.latest(wm.id, size)
     result = diff_latest(latest, wm.id, page_size=size, watermark_date=wm.date)
     new = merge_gap(backfill(room, latest, wm, size), latest, *wm) if result.gap else result.new
@@ -266,7 +266,7 @@ def poll(room: RoomHistory, wm: Watermark, size: int) -> tuple[list[Message], Wa
 
 
 def backfill(
-    room: RoomHistory, latest: list[Message], wm: Watermark, size: int
+    room: RoomHistory, latest: list[Message], wm: HistoryMark, size: int
 ) -> Iterator[list[Message]]:
     oldest = latest[0].date
     while oldest > wm.date:
@@ -311,15 +311,16 @@ WATERMARK_CASES = [
 
 @pytest.mark.parametrize(("current", "items", "expected"), WATERMARK_CASES)
 def test_next_watermark(current: int | None, items: list[int], expected: int | None) -> None:
-    cur = None if current is None else (mid(current), at(current))
-    want = None if expected is None else Watermark(mid(expected), at(expected))
+    cur = None if current is None else HistoryMark(mid(current), at(current))
+    want = None if expected is None else HistoryMark(mid(expected), at(expected))
     assert next_watermark(cur, page(*items)) == want
 
 
-def test_next_watermark_returns_a_named_watermark_from_a_plain_tuple() -> None:
-    moved = next_watermark((mid(5), at(5)), [])
-    assert isinstance(moved, Watermark)
-    assert (moved.id, moved.date) == (mid(5), at(5))
+def test_next_watermark_of_an_empty_room_takes_every_item_of_its_date() -> None:
+    empty = HistoryMark(None, at(5))
+    assert next_watermark(empty, []) is empty
+    first = page(5)[0]
+    assert next_watermark(empty, [first]) == HistoryMark(first.id, at(5))
 
 
 @pytest.mark.parametrize(
@@ -331,8 +332,8 @@ def test_next_watermark_returns_a_named_watermark_from_a_plain_tuple() -> None:
 )
 def test_next_watermark_date_ties(block: str, moves: bool) -> None:
     tie = same_date(block)
-    moved = next_watermark((mid(5), at(5)), [tie])
-    assert moved == (Watermark(tie.id, at(5)) if moves else Watermark(mid(5), at(5)))
+    moved = next_watermark(HistoryMark(mid(5), at(5)), [tie])
+    assert moved == (HistoryMark(tie.id, at(5)) if moves else HistoryMark(mid(5), at(5)))
 
 
 @pytest.mark.parametrize(
@@ -344,7 +345,7 @@ def test_next_watermark_date_ties(block: str, moves: bool) -> None:
     ],
 )
 def test_prime_watermark(items: list[int], expected: int | None) -> None:
-    want = None if expected is None else Watermark(mid(expected), at(expected))
+    want = None if expected is None else HistoryMark(mid(expected), at(expected))
     assert prime_watermark(page(*items)) == want
 
 

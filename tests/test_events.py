@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from storage.rooms import RoomSnapshot
 from tasks.diff import classify
 from tasks.events import (
     MAX_KEY_CHARS,
@@ -20,7 +21,7 @@ from tasks.events import (
     room_stub,
 )
 from tasks.hipchat_types import Message, Room, UserStub
-from tasks.rooms_diff import RoomChange, RoomState, diff_rooms, snapshot
+from tasks.rooms_diff import RoomChange, diff_rooms, snapshot
 
 SECRET = "s3cr3t-personal-access-token"
 API = "https://api.hipchat.com/v2"
@@ -194,7 +195,7 @@ def test_message_event_refuses_other_events(event: str) -> None:
 
 ROOM_OBJ = Room.parse(ROOM)
 ARCHIVED_OBJ = Room.parse(ROOM | {"is_archived": True, "version": "7AA0D0C1"})
-DELETED = RoomState(3856578, "OpsRoom", "private", False, "On call")
+DELETED = RoomSnapshot(3856578, "OpsRoom", "private", False, "On call")
 
 
 @pytest.mark.parametrize(
@@ -294,7 +295,7 @@ def test_long_item_keys_are_hashed_stably() -> None:
     assert key == "sub:7:sha256:c38c2bf3055c516a98ac5d97f30e7c364e827bc0199e1c3415b794afbe55dcad"
 
 
-def change(event: str, room: Room | RoomState = ROOM_OBJ) -> RoomChange:
+def change(event: str, room: Room | RoomSnapshot = ROOM_OBJ) -> RoomChange:
     return RoomChange(event, room)
 
 

@@ -268,7 +268,7 @@ def test_a_poll_cut_short_by_the_budget_resumes_with_what_it_missed(
     tight = p.backend.runtime(bucket_capacity=3)  # 3 calls per poll
 
     def poll_on_a_fresh_budget() -> list[str]:
-        tight.redis.delete(tight.keys.bucket_log(p.conn_id), tight.keys.bucket_ceiling(p.conn_id))
+        tight.redis.delete(tight.keys.budget_log(p.conn_id), tight.keys.budget_ceiling(p.conn_id))
         p.state.clear_calls()
         with pytest.raises(BucketEmpty):
             p.poll(tight)

@@ -244,7 +244,7 @@ def test_rooms_are_resolved_through_the_connections_bucket(
         conn = conns.require_connection(s, "ops")
         conn_id = conn.id
     # One call, although two subscriptions watch the room: it was counted in the bucket.
-    assert rt.bucket.peek(conn_id).remaining == rt.settings.bucket_capacity - 1
+    assert rt.budget.peek(conn_id).remaining == rt.settings.bucket_capacity - 1
 
 
 def test_unreachable_hipchat_stores_rooms_unresolved(

@@ -10,7 +10,7 @@ from pathlib import Path
 import fakeredis
 import redis
 
-from tasks.bucket import TokenBucket
+from tasks.budget import SlidingLogBudget
 from tasks.keys import Keys
 from tasks.redis_conn import (
     HEALTH_CHECK_INTERVAL_SECONDS,
@@ -40,8 +40,8 @@ def test_embedded_clients_share_one_server(key_prefix: str) -> None:
 
 def test_embedded_buckets_share_one_budget(key_prefix: str) -> None:
     keys = Keys(key_prefix)
-    one = TokenBucket(connect(Settings()), keys, capacity=2)
-    other = TokenBucket(connect(Settings()), keys, capacity=2)
+    one = SlidingLogBudget(connect(Settings()), keys, capacity=2)
+    other = SlidingLogBudget(connect(Settings()), keys, capacity=2)
     try:
         assert one.take(1).allowed
         assert other.take(1).allowed

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from storage.rooms import RoomSnapshot
 from tasks.hipchat_types import Room, UserStub
 from tasks.rooms_diff import (
     RoomChange,
-    RoomState,
     diff_participants,
     diff_rooms,
     participant_snapshot,
@@ -34,7 +34,7 @@ def room(room_id: int, **extra: Any) -> Room:
     return Room.parse(room_json(room_id, **extra))
 
 
-def state(room_id: int, **extra: Any) -> RoomState:
+def state(room_id: int, **extra: Any) -> RoomSnapshot:
     return snapshot([room(room_id, **extra)])[room_id]
 
 
@@ -85,7 +85,7 @@ ROOM_CASES = [
 
 @pytest.mark.parametrize(("known", "current", "expected"), ROOM_CASES)
 def test_diff_rooms(
-    known: dict[int, RoomState], current: list[Room], expected: list[tuple[str, int]]
+    known: dict[int, RoomSnapshot], current: list[Room], expected: list[tuple[str, int]]
 ) -> None:
     assert summary(diff_rooms(known, current)) == expected
 
@@ -95,13 +95,13 @@ def test_diff_rooms_carries_the_fresh_room_or_the_stored_state() -> None:
     archived, deleted = changes
     assert isinstance(archived.room, Room)
     assert archived.room.raw["version"] == "UDY9AI3A"
-    assert deleted.room == RoomState(2, "Gone", "public", False, None)
+    assert deleted.room == RoomSnapshot(2, "Gone", "public", False, None)
 
 
 def test_snapshot_round_trip_reports_nothing() -> None:
     rooms = [room(1), room(2, **ARCHIVED), room(3, topic="t", privacy="private")]
     known = snapshot(rooms)
-    assert known[3] == RoomState(3, "Room 3", "private", False, "t")
+    assert known[3] == RoomSnapshot(3, "Room 3", "private", False, "t")
     assert diff_rooms(known, rooms) == []
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.exceptions import Retry
+from redis.lock import Lock
 from sqlalchemy import update
 
 from emulator.testing import ManualClock
@@ -231,7 +232,8 @@ def test_a_second_poll_of_the_same_interval_is_a_no_op(pipeline: Pipeline, worke
 def test_a_poll_running_elsewhere_makes_the_task_a_no_op(pipeline: Pipeline, worker: Beat) -> None:
     p = pipeline
     p.subscribe("room_message")
-    assert worker.rt.lease.acquire(p.conn_id, "another-worker", ttl_seconds=60)
+    other = Lock(worker.rt.redis, worker.rt.keys.poll_lease(p.conn_id), timeout=60)
+    assert other.acquire(blocking=False)  # another worker's poll
     result = celery_tasks.poll_connection_task.run(p.conn_id, 7)
     assert result == f"connection {p.conn_id}: a poll is already running"
     assert p.history_calls() == 0
@@ -263,7 +265,8 @@ def test_a_failed_poll_still_hands_over_the_rooms_it_committed(
         celery_tasks.poll_connection_task.run(p.conn_id, 2)
     assert [(s.name, s.args) for s in worker.sent] == [("hipchat.deliver", [sub.id])]
     assert [e.state for e in p.events(sub.id)] == ["dispatched"]
-    assert worker.rt.lease.acquire(p.conn_id, "probe", 1)  # the poll released its lease
+    with worker.rt.leases.poll(p.conn_id) as held:
+        assert held  # the poll released its lease
 
 
 def test_the_relay_sends_what_a_dead_poll_left_behind(pipeline: Pipeline, worker: Beat) -> None:
@@ -292,11 +295,11 @@ def test_the_deliver_task_retries_while_another_drain_runs(
     p = pipeline
     sub = p.subscribe("room_message")
     p.add_events(sub.id, 1)
-    lock = worker.rt.keys.drain_lock(sub.id)
-    assert worker.rt.lease.lock(lock, "another-worker", 60)
+    other = Lock(worker.rt.redis, worker.rt.keys.drain_lock(sub.id), timeout=60)
+    assert other.acquire(blocking=False)  # another worker's drain
     with pytest.raises(Retry):
         celery_tasks.deliver_task.run(sub.id)
-    assert worker.rt.lease.unlock(lock, "another-worker")
+    other.release()
     assert celery_tasks.deliver_task.run(sub.id) == f"subscription {sub.id}: delivered 1, dead 0"
 
 

@@ -134,7 +134,7 @@ def test_delivery_life_cycle(db: Database, sub: Subscription) -> None:
         (event,) = outbox.add_events(s, [new(sub, "k")], at=T0)
         assert outbox.mark_dispatched(s, [event.id], T0) == 1
     with db.session() as s:
-        claimed = outbox.claim_for_delivery(s, event.id)
+        claimed = outbox.get_event(s, event.id)
         assert claimed is not None
         assert (claimed.state, claimed.dispatched_at) == ("dispatched", T0)
         assert outbox.mark_failed(s, event.id, "HTTP 503", T0 + MINUTE, dead=False)
@@ -151,11 +151,10 @@ def test_delivery_life_cycle(db: Database, sub: Subscription) -> None:
         )
         assert (done.delivered_at, done.next_attempt_at) == (T0 + 2 * MINUTE, None)
         # Closed events stay closed: idempotent delivery.
-        assert outbox.claim_for_delivery(s, event.id) is None
         assert not outbox.mark_delivered(s, event.id, T0)
         assert not outbox.mark_failed(s, event.id, "late", None, dead=True)
         assert outbox.mark_dispatched(s, [event.id], T0) == 0
-        assert outbox.claim_for_delivery(s, 999_999) is None
+        assert outbox.next_for_subscription(s, sub.id) is None
 
 
 def test_mark_failed_counts_and_dead_is_final(db: Database, sub: Subscription) -> None:
@@ -169,7 +168,7 @@ def test_mark_failed_counts_and_dead_is_final(db: Database, sub: Subscription) -
         assert (dead.state, dead.attempts, dead.next_attempt_at) == ("dead", 2, None)
         assert dead.last_error is not None
         assert len(dead.last_error) == outbox.MAX_TEXT_LENGTH
-        assert outbox.claim_for_delivery(s, event.id) is None
+        assert outbox.next_for_subscription(s, sub.id) is None
 
 
 def test_undispatched_finds_what_the_relay_must_resend(db: Database, sub: Subscription) -> None:

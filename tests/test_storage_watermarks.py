@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
+from sqlalchemy.orm import Session
 
 from storage import connections as conns
 from storage import rooms, watermarks
@@ -62,14 +63,8 @@ def test_unknown_stream_is_refused(db: Database, conn: Connection) -> None:
         watermarks.advance_watermark(s, conn.id, 7, "files", "x", T0)
 
 
-def test_mark_empty_primes_once_and_never_overwrites(db: Database, conn: Connection) -> None:
-    with db.session() as s:
-        empty = watermarks.mark_empty(s, conn.id, 7, "history")
-        assert (empty.last_id, empty.last_date) == (None, watermarks.EMPTY_DATE)
-        assert watermarks.is_primed(s, conn.id, 7, "history")
-        watermarks.advance_watermark(s, conn.id, 7, "history", "m1", T0)
-        kept = watermarks.mark_empty(s, conn.id, 7, "history")
-        assert (kept.last_id, kept.last_date) == ("m1", T0)
+def primed(s: Session, conn_id: int, room_id: int, stream: str) -> bool:
+    return watermarks.get_watermark(s, conn_id, room_id, stream) is not None
 
 
 def room(room_id: int, name: str, archived: bool = False, topic: str | None = None) -> RoomSnapshot:
@@ -80,10 +75,10 @@ def test_replace_known_rooms_adds_changes_removes_and_primes(
     db: Database, conn: Connection
 ) -> None:
     with db.session() as s:
-        assert not rooms.rooms_primed(s, conn.id)
+        assert not primed(s, conn.id, 0, "rooms")
         assert rooms.known_rooms(s, conn.id) == {}
         rooms.replace_known_rooms(s, conn.id, [room(1, "Dev"), room(2, "Ops")], at=T0)
-        assert rooms.rooms_primed(s, conn.id)
+        assert primed(s, conn.id, 0, "rooms")
         assert sorted(rooms.known_rooms(s, conn.id)) == [1, 2]
     later = T0 + timedelta(minutes=1)
     with db.session() as s:
@@ -105,7 +100,7 @@ def test_replace_known_rooms_adds_changes_removes_and_primes(
 def test_an_empty_room_list_still_primes(db: Database, conn: Connection) -> None:
     with db.session() as s:
         rooms.replace_known_rooms(s, conn.id, [])
-        assert rooms.rooms_primed(s, conn.id)
+        assert primed(s, conn.id, 0, "rooms")
         assert rooms.known_rooms(s, conn.id) == {}
 
 
@@ -128,14 +123,14 @@ def test_participants_per_room(db: Database, conn: Connection) -> None:
     alice = ParticipantSnapshot(1, "Alice", "alice")
     bob = ParticipantSnapshot(2, "Bob", "bob")
     with db.session() as s:
-        assert not rooms.participants_primed(s, conn.id, 10)
+        assert not primed(s, conn.id, 10, "participants")
         rooms.replace_participants(s, conn.id, 10, [alice, bob])
         rooms.replace_participants(s, conn.id, 11, [alice])
     with db.session() as s:
         rooms.replace_participants(s, conn.id, 10, [ParticipantSnapshot(1, "Alice A.", "alice")])
     with db.session() as s:
-        assert rooms.participants_primed(s, conn.id, 10)
-        assert not rooms.participants_primed(s, conn.id, 12)
+        assert primed(s, conn.id, 10, "participants")
+        assert not primed(s, conn.id, 12, "participants")
         in_10 = rooms.known_participants(s, conn.id, 10)
         assert {uid: p.name for uid, p in in_10.items()} == {1: "Alice A."}
         assert sorted(rooms.known_participants(s, conn.id, 11)) == [1]

@@ -15,7 +15,7 @@ from storage.errors import ServerError
 from tasks import celery_tasks
 from tasks.delivery import drain
 from tasks.runtime import Runtime
-from tasks.targets import EVENT_HEADER, SIGNATURE_HEADER
+from tasks.webhook import EVENT_HEADER, SIGNATURE_HEADER
 from tests.pipeline_support import (
     ROOM,
     Backend,

@@ -3,7 +3,7 @@
 -- KEYS[1]  sorted set, the sliding log: one member per granted call, score = member = the
 --          call's stamp in microseconds (Redis TIME, made strictly increasing per key so that
 --          members are unique and a clock stepping back never frees anything early)
--- KEYS[2]  hash {remaining, reset_at_us}: HipChat's own ceiling (bucket_ceiling.lua writes it)
+-- KEYS[2]  hash {remaining, reset_at_us}: HipChat's own ceiling (budget_ceiling.lua writes it)
 -- ARGV[1]  capacity C: calls allowed in any window
 -- ARGV[2]  window W in microseconds
 -- ARGV[3]  n, the calls wanted, 1 <= n <= C (the caller checks)

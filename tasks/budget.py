@@ -1,15 +1,15 @@
 """The shared per-connection budget of HipChat calls: at most C calls in ANY W seconds.
 
 Every HipChat call by any worker first takes from this budget with one EVALSHA of
-``bucket.lua``, which decides on two Redis keys of the connection (one hash tag, one slot):
+``budget_take.lua``, which decides on two Redis keys of the connection (one hash tag, one slot):
 
-* ``Keys.bucket_log``, a sorted set holding the Redis TIME (microseconds) of every call granted
+* ``Keys.budget_log``, a sorted set holding the Redis TIME (microseconds) of every call granted
   in the last W seconds. A call is granted only if fewer than C are logged in (now - W, now];
   when not, the exact wait is read off the log: the moment its oldest relevant entry leaves the
   window.
-* ``Keys.bucket_ceiling``, a hash {remaining, reset_at_us} from HipChat's own
-  ``X-Ratelimit-Remaining`` / ``X-Ratelimit-Reset`` headers (:meth:`TokenBucket.observe`) or a
-  429 (:meth:`TokenBucket.observe_429`): at most ``remaining`` more calls until the reset.
+* ``Keys.budget_ceiling``, a hash {remaining, reset_at_us} from HipChat's own
+  ``X-Ratelimit-Remaining`` / ``X-Ratelimit-Reset`` headers (:meth:`SlidingLogBudget.observe`) or a
+  429 (:meth:`SlidingLogBudget.observe_429`): at most ``remaining`` more calls until the reset.
 
 Why a sliding log and not a token bucket: a bucket of C tokens refilled at C/W per second lets
 C calls through at once and C more while they age, nearly 2C in one window, which breaks the
@@ -49,7 +49,7 @@ class TakeResult:
     retry_after: float
 
 
-class TokenBucket:
+class SlidingLogBudget:
     """At most ``capacity`` calls per connection in any ``window_seconds``, for all workers."""
 
     def __init__(
@@ -65,8 +65,8 @@ class TokenBucket:
         self._window_us = max(1, _microseconds(window_seconds))
         # register_script sends nothing; the first call loads the script (EVALSHA, and on
         # NOSCRIPT, e.g. after a Redis restart, SCRIPT LOAD and EVALSHA again).
-        self._take_script = redis.register_script(load_script("bucket.lua"))
-        self._ceiling_script = redis.register_script(load_script("bucket_ceiling.lua"))
+        self._take_script = redis.register_script(load_script("budget_take.lua"))
+        self._ceiling_script = redis.register_script(load_script("budget_ceiling.lua"))
         self._redis = redis
 
     def take(self, connection_id: int, n: int = 1) -> TakeResult:
@@ -104,15 +104,15 @@ class TokenBucket:
 
     def clear(self, connection_id: int) -> None:
         """Forget the connection's log and ceiling: the budget is full again."""
-        with redis_errors("bucket clear", connection_id):
+        with redis_errors("budget clear", f"connection {connection_id}"):
             self._redis.delete(
-                self._keys.bucket_log(connection_id), self._keys.bucket_ceiling(connection_id)
+                self._keys.budget_log(connection_id), self._keys.budget_ceiling(connection_id)
             )
 
     def _run(self, connection_id: int, n: int, *, take: bool) -> TakeResult:
-        keys = [self._keys.bucket_log(connection_id), self._keys.bucket_ceiling(connection_id)]
+        keys = [self._keys.budget_log(connection_id), self._keys.budget_ceiling(connection_id)]
         args = [self.capacity, self._window_us, n, 1 if take else 0]
-        with redis_errors("bucket take" if take else "bucket peek", connection_id):
+        with redis_errors("budget take" if take else "budget peek", f"connection {connection_id}"):
             allowed, remaining, wait_us = self._take_script(keys=keys, args=args)
         return TakeResult(
             allowed=int(allowed) == 1,
@@ -121,7 +121,7 @@ class TokenBucket:
         )
 
     def _set_ceiling(self, connection_id: int, remaining: int, reset_at: float, why: str) -> None:
-        keys = [self._keys.bucket_ceiling(connection_id)]
+        keys = [self._keys.budget_ceiling(connection_id)]
         args: list[str | int] = [remaining, _microseconds(reset_at), why]
-        with redis_errors("bucket observe", connection_id):
+        with redis_errors("budget observe", f"connection {connection_id}"):
             self._ceiling_script(keys=keys, args=args)

@@ -1,6 +1,6 @@
 -- Record HipChat's own budget for one connection: at most `remaining` more calls until reset.
 --
--- KEYS[1]  hash {remaining, reset_at_us}: the ceiling that bucket.lua enforces and counts down
+-- KEYS[1]  hash {remaining, reset_at_us}: the ceiling that budget_take.lua enforces and counts down
 -- ARGV[1]  remaining, >= 0 (0 for a 429)
 -- ARGV[2]  reset_at_us: when HipChat's window resets, epoch microseconds
 -- ARGV[3]  "429" when HipChat refused a call, "headers" for X-Ratelimit-* on any response

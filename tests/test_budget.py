@@ -20,7 +20,7 @@ from fakeredis.commands_mixins import server_mixin
 from redis.crc import key_slot
 
 from storage.errors import BucketEmpty, RetryLater, StorageUnavailable
-from tasks.bucket import TakeResult, TokenBucket
+from tasks.budget import SlidingLogBudget, TakeResult
 from tasks.keys import Keys
 from tasks.redis_conn import connect, redis_errors
 from tasks.settings import Settings
@@ -51,8 +51,8 @@ def keys(key_prefix: str) -> Keys:
     return Keys(key_prefix)
 
 
-def make(r: redis.Redis, keys: Keys, capacity: int, window: float = HOUR) -> TokenBucket:
-    return TokenBucket(r, keys, capacity=capacity, window_seconds=window)
+def make(r: redis.Redis, keys: Keys, capacity: int, window: float = HOUR) -> SlidingLogBudget:
+    return SlidingLogBudget(r, keys, capacity=capacity, window_seconds=window)
 
 
 # -- take / peek / acquire / clear ------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_acquire_takes_or_raises_bucket_empty(any_redis: redis.Redis, keys: Keys
 def test_peek_takes_nothing_and_writes_nothing(any_redis: redis.Redis, keys: Keys) -> None:
     bucket = make(any_redis, keys, capacity=3)
     assert [bucket.peek(CONN) for _ in range(5)] == [TakeResult(True, 3.0, 0.0)] * 5
-    assert any_redis.exists(keys.bucket_log(CONN), keys.bucket_ceiling(CONN)) == 0
+    assert any_redis.exists(keys.budget_log(CONN), keys.budget_ceiling(CONN)) == 0
     bucket.take(CONN, 3)
     assert not bucket.peek(CONN).allowed
     assert bucket.peek(CONN).remaining == 0.0
@@ -198,16 +198,16 @@ def test_connections_do_not_share_a_budget(any_redis: redis.Redis, keys: Keys) -
 
 
 def test_script_keys_share_one_cluster_slot(keys: Keys) -> None:
-    slots = {key_slot(k.encode()) for k in (keys.bucket_log(CONN), keys.bucket_ceiling(CONN))}
+    slots = {key_slot(k.encode()) for k in (keys.budget_log(CONN), keys.budget_ceiling(CONN))}
     assert len(slots) == 1
 
 
 def test_bad_construction_is_refused(any_redis: redis.Redis, keys: Keys) -> None:
     with pytest.raises(ValueError, match="capacity"):
-        TokenBucket(any_redis, keys, capacity=0)
+        SlidingLogBudget(any_redis, keys, capacity=0)
     for window in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="window_seconds"):
-            TokenBucket(any_redis, keys, window_seconds=window)
+            SlidingLogBudget(any_redis, keys, window_seconds=window)
 
 
 # -- the guarantee: at most C in ANY window, across threads ---------------------------------
@@ -287,7 +287,7 @@ def test_observe_ignores_missing_or_past_headers(any_redis: redis.Redis, keys: K
     bucket.observe(CONN, remaining=0, reset_at=now - 1)
     bucket.observe(CONN, remaining=0, reset_at=float("nan"))
     assert bucket.peek(CONN) == TakeResult(True, 3.0, 0.0)
-    assert any_redis.exists(keys.bucket_ceiling(CONN)) == 0
+    assert any_redis.exists(keys.budget_ceiling(CONN)) == 0
 
 
 def test_observe_merges_out_of_order_reports(any_redis: redis.Redis, keys: Keys) -> None:
@@ -318,7 +318,7 @@ def test_observe_429_stops_everything_until_reset(any_redis: redis.Redis, keys: 
     bucket.observe(CONN, remaining=3, reset_at=now + 30)  # stale headers change nothing
     assert not bucket.peek(CONN).allowed
     # A refused take spent nothing: the log is still empty.
-    assert any_redis.zcard(keys.bucket_log(CONN)) == 0
+    assert any_redis.zcard(keys.budget_log(CONN)) == 0
 
 
 def test_retry_after_is_the_later_of_log_and_ceiling(any_redis: redis.Redis, keys: Keys) -> None:
@@ -337,17 +337,17 @@ def test_retry_after_is_the_later_of_log_and_ceiling(any_redis: redis.Redis, key
 def test_keys_expire_when_idle(any_redis: redis.Redis, keys: Keys) -> None:
     bucket = make(any_redis, keys, capacity=5, window=60.0)
     bucket.take(CONN)
-    assert 59_000 < any_redis.pttl(keys.bucket_log(CONN)) <= 60_000
+    assert 59_000 < any_redis.pttl(keys.budget_log(CONN)) <= 60_000
     bucket.observe(CONN, remaining=3, reset_at=now_us(any_redis) / 1_000_000 + 30)
-    assert 29_000 < any_redis.pttl(keys.bucket_ceiling(CONN)) <= 30_000
+    assert 29_000 < any_redis.pttl(keys.budget_ceiling(CONN)) <= 30_000
 
     short = make(any_redis, keys, capacity=5, window=0.1)
     short.take(7)
     short.observe(7, remaining=3, reset_at=now_us(any_redis) / 1_000_000 + 0.1)
     wait_for(
-        lambda: any_redis.exists(keys.bucket_log(7), keys.bucket_ceiling(7)) == 0,
+        lambda: any_redis.exists(keys.budget_log(7), keys.budget_ceiling(7)) == 0,
         3.0,
-        "the bucket keys to expire",
+        "the budget keys to expire",
         step=0.005,
     )
 
@@ -364,7 +364,7 @@ def test_survives_a_script_cache_flush(key_prefix: str) -> None:
 
 
 def test_programming_errors_are_not_disguised(any_redis: redis.Redis, keys: Keys) -> None:
-    any_redis.set(keys.bucket_log(CONN), "not a sorted set")
+    any_redis.set(keys.budget_log(CONN), "not a sorted set")
     with pytest.raises(redis.ResponseError):
         make(any_redis, keys, capacity=2).take(CONN)
 
