@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from storage.errors import HipChatPollerError, InvalidInput, ValidationError
-from worker import cli_actions, cli_connections, cli_run, recipes
+from worker import cli_actions, cli_connections, cli_recipes, cli_run
 
 Handler = Callable[[argparse.Namespace], int]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_connections.register(sub)
     cli_actions.register(sub)
     cli_run.register(sub)
-    recipes.register(sub)
+    cli_recipes.register(sub)
     return parser
 
 
