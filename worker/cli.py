@@ -1,5 +1,16 @@
 """``hipchat-poller``: the command line. Each subcommand is a thin shell over plain functions.
 
+One module per command group, each with its ``register(subparsers)``::
+
+    cli_connections   connection add | list | remove | pause | resume
+    cli_subscriptions subscribe, subscriptions, unsubscribe
+    cli_actions       users, user, post, notify, add-member
+    cli_recipes       apply
+    cli_handlers      handlers sync
+    cli_admin         migrate, status
+    cli_run           run, demo, worker, beat, emulator
+    cli_common        what they share: the runtime of a command, JSON output
+
 Exit codes: 0 success, 1 a runtime failure (HipChat or a service said no), 2 bad input.
 Tokens are never printed; ``connection add`` takes them from ``--token``, from an
 environment variable (``--token-env``, default ``HIPCHAT_POLLER_TOKEN``) or from stdin.
@@ -13,7 +24,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 from storage.errors import HipChatPollerError, InvalidInput, ValidationError
-from worker import cli_actions, cli_connections, cli_recipes, cli_run
+from worker import (
+    cli_actions,
+    cli_admin,
+    cli_connections,
+    cli_handlers,
+    cli_recipes,
+    cli_run,
+    cli_subscriptions,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -32,10 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="DEBUG, INFO, WARNING, ERROR (default INFO)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    cli_connections.register(sub)
-    cli_actions.register(sub)
-    cli_run.register(sub)
-    cli_recipes.register(sub)
+    for group in (
+        cli_connections,
+        cli_subscriptions,
+        cli_actions,
+        cli_recipes,
+        cli_handlers,
+        cli_admin,
+        cli_run,
+    ):
+        group.register(sub)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from worker.cli_connections import runtime
+from worker.cli_common import runtime
 from worker.recipes_apply import apply
 
 

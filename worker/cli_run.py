@@ -1,5 +1,6 @@
-"""``run`` (worker + beat in one process), ``worker`` and ``beat`` (Celery's own commands
-with our app), ``emulator``, ``flower``."""
+"""Commands: ``run`` (worker + beat in one process), ``demo``, ``worker`` and ``beat``
+(Celery's own commands with our app), ``emulator``.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import logging
 import sys
 from typing import Any
 
+from celery.bin.celery import celery
+
+from emulator.cli import main as emulator_main
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 from worker.app import ACTION_QUEUE, POLL_QUEUE, create_app
+from worker.demo import run_demo
+from worker.embedded import EmbeddedWorker
 
 log = logging.getLogger(__name__)
 APP = "worker.celery_app:app"
@@ -63,8 +69,6 @@ def passthrough(argv: list[str]) -> int | None:
     # Celery knows only --help; -h is what people type.
     options = ["--help" if a == "-h" else a for a in rest[1:]]
     if command == "emulator":
-        from emulator.cli import main as emulator_main
-
         return emulator_main(options)
     wants_help = any(a in HELP_FLAGS for a in options)
     if not wants_help:
@@ -95,8 +99,6 @@ def _global_log_level(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def _celery(command: str, options: list[str]) -> int:
     """Run Celery's own ``worker`` or ``beat`` command on our app; its exit code."""
-    from celery.bin.celery import celery
-
     if command == "worker":
         queues = any(a.startswith(("-Q", "--queues")) for a in options)
         extra = [] if queues else ["-Q", f"{POLL_QUEUE},{ACTION_QUEUE}"]
@@ -113,8 +115,6 @@ def _celery(command: str, options: list[str]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from worker.embedded import EmbeddedWorker
-
     settings = Settings.from_env()
     app = create_app(settings)
     rt = Runtime.of(app)
@@ -131,7 +131,5 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
-
     logging.getLogger().setLevel((args.log_level or "WARNING").upper())
     return run_demo(interval=args.interval, timeout=args.timeout)
