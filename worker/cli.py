@@ -9,9 +9,10 @@ One module per command group, each with its ``register(subparsers)``::
     cli_handlers      handlers sync
     cli_admin         migrate, status
     cli_run           run, demo, worker, beat, emulator
-    cli_common        what they share: the runtime of a command, JSON output
+    cli_common        what they share: the runtime (its schema checked), JSON output
 
-Exit codes: 0 success, 1 a runtime failure (HipChat or a service said no), 2 bad input.
+Exit codes: 0 success, 1 a runtime failure (HipChat or a service said no, or the database
+needs ``migrate``: a person must act), 2 bad input.
 Tokens are never printed; ``connection add`` takes them from ``--token``, from an
 environment variable (``--token-env``, default ``HIPCHAT_POLLER_TOKEN``) or from stdin.
 """
@@ -94,7 +95,7 @@ def _dispatch(args_list: list[str]) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     level = args.log_level or "INFO"
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "DEBUG":  # every command checks the schema; its INFO lines are noise here
+    if level != "DEBUG":  # a first use creates the schema silently; Alembic's INFO is noise
         logging.getLogger("alembic").setLevel(logging.WARNING)
     handler: Handler = args.handler
     return handler(args)

@@ -5,6 +5,7 @@ other HipChat call."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from tasks.actions import Actions
@@ -21,14 +22,14 @@ def register(sub: Any) -> None:
 
     p = action("users", "list the users of a room (members if private, else participants)")
     p.add_argument("room")
-    p.set_defaults(handler=lambda a: print_json(_actions(a).list_room_users(a.room)))
+    p.set_defaults(handler=lambda a: _act(a, lambda act: act.list_room_users(a.room)))
     p = action("user", "get a user by id, email or @mention name")
     p.add_argument("user")
-    p.set_defaults(handler=lambda a: print_json(_actions(a).get_user(a.user)))
+    p.set_defaults(handler=lambda a: _act(a, lambda act: act.get_user(a.user)))
     p = action("post", "post a message to a room (1..1000 characters)")
     p.add_argument("room")
     p.add_argument("message")
-    p.set_defaults(handler=lambda a: print_json(_actions(a).post_message(a.room, a.message)))
+    p.set_defaults(handler=lambda a: _act(a, lambda act: act.post_message(a.room, a.message)))
     p = action("notify", "send a notification to a room (1..10000 characters)")
     p.add_argument("room")
     p.add_argument("message")
@@ -45,21 +46,24 @@ def register(sub: Any) -> None:
     p = action("add-member", "add a user (id, email or @mention) to a private room")
     p.add_argument("room")
     p.add_argument("user")
-    p.set_defaults(handler=lambda a: print_json(_actions(a).add_member(a.room, a.user)))
+    p.set_defaults(handler=lambda a: _act(a, lambda act: act.add_member(a.room, a.user)))
 
 
-def _actions(args: argparse.Namespace) -> Actions:
-    return Actions(runtime(), args.connection)
+def _act(args: argparse.Namespace, call: Callable[[Actions], dict[str, Any]]) -> int:
+    """Run one action on the connection ``args.connection``; print its JSON result."""
+    with runtime() as rt:
+        return print_json(call(Actions(rt, args.connection)))
 
 
 def cmd_notify(args: argparse.Namespace) -> int:
-    return print_json(
-        _actions(args).send_notification(
+    return _act(
+        args,
+        lambda act: act.send_notification(
             args.room,
             args.message,
             color=args.color,
             message_format=args.message_format,
             notify=args.notify,
             from_=args.from_,
-        )
+        ),
     )

@@ -1,4 +1,4 @@
-"""Commands: ``migrate`` and ``status``."""
+"""Commands: ``migrate`` (the one command that upgrades the database schema) and ``status``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 from storage import connections as conns
 from storage import outbox
 from storage import subscriptions as subs
+from tasks.runtime import Runtime
+from tasks.settings import Settings
 from worker.cli_common import print_json, runtime
 
 
@@ -21,15 +23,20 @@ def register(sub: Any) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    rt = runtime()
+    """Upgrade the schema to this code's head: safe to repeat and to run from several
+    processes at once. Every other command only checks it (worker.schema_check)."""
+    rt = Runtime(Settings.from_env())
+    try:
+        rt.db.upgrade()
+    finally:
+        rt.db.dispose()
     print(f"database schema is up to date ({rt.db.dialect})")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Connections with their state and last poll, subscriptions by state, the outbox."""
-    rt = runtime()
-    with rt.db.session() as s:
+    with runtime() as rt, rt.db.session() as s:
         connections = [
             {
                 "id": row.id,

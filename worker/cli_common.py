@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -11,13 +13,20 @@ from storage import connections as conns
 from storage.errors import ValidationError
 from tasks.runtime import Runtime
 from tasks.settings import Settings
+from worker.schema_check import check_schema
 
 
-def runtime() -> Runtime:
-    """The runtime of one command, built from the environment, its database migrated."""
+@contextmanager
+def runtime() -> Iterator[Runtime]:
+    """The runtime of one command, built from the environment, its database schema checked
+    (see :mod:`worker.schema_check`: an out-of-date database stops the command); its
+    database connections are closed when the block ends."""
     rt = Runtime(Settings.from_env())
-    rt.db.upgrade()
-    return rt
+    try:
+        check_schema(rt)
+        yield rt
+    finally:
+        rt.db.dispose()
 
 
 def print_json(value: Any) -> int:

@@ -57,16 +57,14 @@ def read_token(args: argparse.Namespace) -> str:
 
 
 def cmd_connection_add(args: argparse.Namespace) -> int:
-    rt = runtime()
-    with rt.db.session() as s:
+    with runtime() as rt, rt.db.session() as s:
         row = conns.add_connection(s, args.name, args.base_url, read_token(args), rt.cipher)
         print(f"connection {row.name} added (id {row.id}, {row.base_url})")
     return 0
 
 
 def cmd_connection_list(args: argparse.Namespace) -> int:
-    rt = runtime()
-    with rt.db.session() as s:
+    with runtime() as rt, rt.db.session() as s:
         rows = conns.list_connections(s)
         if not rows:
             print("no connections; add one with `hipchat-poller connection add`")
@@ -82,8 +80,7 @@ def cmd_connection_list(args: argparse.Namespace) -> int:
 
 def _on_named(args: argparse.Namespace, change: Callable[[Session, int], object], done: str) -> int:
     """Apply ``change`` to the connection ``args.name`` in one transaction; print ``done``."""
-    rt = runtime()
-    with rt.db.session() as s:
+    with runtime() as rt, rt.db.session() as s:
         change(s, connection_id(s, args.name))
     print(f"connection {args.name} {done}")
     return 0

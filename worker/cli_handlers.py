@@ -19,10 +19,11 @@ def register(sub: Any) -> None:
 
 
 def cmd_handlers_sync(args: argparse.Namespace) -> int:
-    rt = runtime()
-    module = args.module or rt.settings.handlers_module
-    if not module:
-        raise ValidationError("name a module, or set HIPCHAT_POLLER_HANDLERS_MODULE")
-    for line in sync_handlers(rt, module) or ["no changes"]:
+    with runtime() as rt:
+        module = args.module or rt.settings.handlers_module
+        if not module:
+            raise ValidationError("name a module, or set HIPCHAT_POLLER_HANDLERS_MODULE")
+        lines = sync_handlers(rt, module)
+    for line in lines or ["no changes"]:
         print(line)
     return 0

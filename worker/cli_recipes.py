@@ -24,9 +24,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    lines = apply(
-        runtime(), args.file, dry_run=args.dry_run, prune_connections=args.prune_connections
-    )
+    with runtime() as rt:
+        lines = apply(rt, args.file, dry_run=args.dry_run, prune_connections=args.prune_connections)
     for line in lines or ["no changes"]:
         print(line)
     if args.dry_run:

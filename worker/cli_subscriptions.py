@@ -99,16 +99,16 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     errors = [e for spec in specs for e in spec_errors(spec) + name_errors(spec.name)]
     if errors:
         raise ValidationError("invalid subscription", list(dict.fromkeys(errors)))
-    rt = runtime()
-    for view in create_subscriptions(rt, specs):
+    with runtime() as rt:
+        views = create_subscriptions(rt, specs)
+    for view in views:
         room = f" room {view.room}" if view.room else ""
         print(f"subscription {view.id}: {view.event}{room} -> {view.target_kind}")
     return 0
 
 
 def cmd_subscriptions(args: argparse.Namespace) -> int:
-    rt = runtime()
-    with rt.db.session() as s:
+    with runtime() as rt, rt.db.session() as s:
         conn_id = connection_id(s, args.connection) if args.connection else None
         views = [subs_view(r) for r in subs.list_subscriptions(s, conn_id)]
     if args.json:
@@ -153,8 +153,7 @@ def shown_url(url: str) -> str:
 
 
 def cmd_unsubscribe(args: argparse.Namespace) -> int:
-    rt = runtime()
-    with rt.db.session() as s:
+    with runtime() as rt, rt.db.session() as s:
         if not subs.remove_subscription(s, args.id):
             raise ValidationError(f"no subscription {args.id}")
     print(f"subscription {args.id} removed")
