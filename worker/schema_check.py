@@ -12,10 +12,10 @@ one this code does not know   :class:`NeedsAttention` (exit 1): the database is 
                               this code
 ============================  =================================================================
 
-Only ``hipchat-poller migrate`` upgrades an existing schema, and ``run`` on embedded
-defaults (one process owns the database); a worker or beat started on an old schema
-refuses to start. Upgrading is a step of its own because several processes of two versions
-may share one database (``docker-compose.yml`` runs it as a one-shot job before the workers).
+An existing schema is upgraded only by ``hipchat-poller migrate``, and by ``run`` on embedded
+defaults (one process owns the database); ``worker``, ``beat`` and ``run`` with Redis refuse to
+start on an old one. Upgrading is a step of its own because processes of two versions may share
+one database (``docker-compose.yml`` runs it as a one-shot job before the workers start).
 """
 
 from __future__ import annotations
@@ -53,9 +53,8 @@ def mismatch(current: str | None, head: str | None, shipped: Collection[str]) ->
     if current is None:
         return f"the database has no schema yet: {MIGRATE}"
     if current in shipped:
-        return (
-            f"the database schema is out of date (at {current}, this code needs {head}): " + MIGRATE
-        )
+        where = f"at {current}, this code needs {head}"
+        return f"the database schema is out of date ({where}): {MIGRATE}"
     return (
         f"the database schema (at {current}) is newer than this code (at {head}): "
         "run a newer hipchat-poller"
