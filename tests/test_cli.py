@@ -17,12 +17,17 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.event import listen, remove
 
 from emulator import EmulatorServer
 from storage import subscriptions as subs
+from storage.db import Database, head_revision
 from storage.vocabulary import OutboxState
 from tasks.runtime import Runtime
 from tasks.settings import Settings
+from tests.storage_support import opened, postgres_schema
+from worker import cli_run, schema_check
 from worker.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -483,6 +488,182 @@ def test_migrate_is_repeatable(cli: Cli, data_dir: Path) -> None:
     assert cli("migrate") == (0, "database schema is up to date (sqlite)\n", "")
     assert cli("migrate")[0] == 0
     assert (data_dir / "hipchat-poller.db").exists()
+
+
+# -- the schema check: only `migrate` upgrades; a first embedded use creates ---------------------
+NO_SCHEMA = "error: the database has no schema yet: run `hipchat-poller migrate`\n"
+NEXT = "0099_next"  # a migration this code would ship and the database has not had
+
+
+def _no_upgrade(self: Database, revision: str = "head") -> None:
+    raise AssertionError("only `migrate` (and a first embedded use) may run the migrations")
+
+
+def _never(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("must not start")
+
+
+def revision(url: str) -> str | None:
+    with opened(url) as database:
+        return database.current_revision()
+
+
+def table_names(url: str) -> list[str]:
+    with opened(url) as database:
+        return inspect(database.engine).get_table_names()
+
+
+@pytest.fixture
+def empty_postgres(
+    data_dir: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """HIPCHAT_POLLER_DATABASE_URL names a new, empty PostgreSQL schema."""
+    with postgres_schema(postgres_url) as url:
+        monkeypatch.setenv(ENV_PREFIX + "DATABASE_URL", url)
+        yield url
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["connection", "list"], ["subscriptions"], ["status"], ["user", "ops", "@admin"],
+     ["apply", "recipes.yml"], ["handlers", "sync", "tests.handlers_example"]],
+)  # fmt: skip
+def test_a_command_on_an_empty_postgres_database_says_migrate_and_creates_nothing(
+    cli: Cli, empty_postgres: str, argv: list[str]
+) -> None:
+    assert cli(*argv) == (1, "", NO_SCHEMA)
+    assert table_names(empty_postgres) == []
+
+
+def test_a_listing_on_an_out_of_date_postgres_database_says_migrate_and_changes_nothing(
+    cli: Cli, empty_postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli("migrate") == (0, "database schema is up to date (postgresql)\n", "")
+    head = head_revision()
+    monkeypatch.setattr(schema_check, "head_revision", lambda: NEXT)  # this code moved on
+    monkeypatch.setattr(Database, "upgrade", _no_upgrade)
+
+    assert cli("connection", "list") == (
+        1,
+        "",
+        f"error: the database schema is out of date (at {head}, this code needs {NEXT}): "
+        "run `hipchat-poller migrate`\n",
+    )
+    assert revision(empty_postgres) == head
+
+
+def test_migrate_then_the_command_works(
+    cli: Cli, empty_postgres: str, server: EmulatorServer
+) -> None:
+    assert cli("connection", "add", "ops", "--base-url", server.base_url, "--token", TOKEN) == (
+        1,
+        "",
+        NO_SCHEMA,
+    )
+
+    assert cli("migrate") == (0, "database schema is up to date (postgresql)\n", "")
+    code, _, err = cli("connection", "add", "ops", "--base-url", server.base_url, "--token", TOKEN)
+
+    assert code == 0, err
+    assert " ops " in cli("connection", "list")[1]
+    assert revision(empty_postgres) == head_revision()
+
+
+def test_a_database_newer_than_the_code_is_refused(cli: Cli, empty_postgres: str) -> None:
+    cli("migrate")
+    with opened(empty_postgres) as database, database.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+
+    assert cli("status") == (
+        1,
+        "",
+        f"error: the database schema (at 9999_future) is newer than this code "
+        f"(at {head_revision()}): run a newer hipchat-poller\n",
+    )
+    code, _, err = cli("migrate")
+    assert code == 1
+    assert err.startswith("error: cannot migrate the database: ")
+
+
+def test_worker_beat_and_run_with_redis_refuse_an_unmigrated_database(
+    cli: Cli, empty_postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_PREFIX + "REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setattr(cli_run, "_celery", _never)
+    monkeypatch.setattr(cli_run, "EmbeddedWorker", _never)
+
+    for command in ("worker", "beat", "run"):
+        assert cli(command) == (1, "", NO_SCHEMA)
+    assert table_names(empty_postgres) == []
+
+
+def test_a_fresh_embedded_data_dir_works_with_connection_add_directly(
+    cli: Cli, data_dir: Path, server: EmulatorServer
+) -> None:
+    assert list(data_dir.iterdir()) == []
+
+    code, out, err = cli(
+        "connection", "add", "ops", "--base-url", server.base_url, "--token", TOKEN
+    )
+
+    assert (code, err) == (0, "")
+    assert out.startswith("connection ops added")
+    assert revision(f"sqlite:///{data_dir / 'hipchat-poller.db'}") == head_revision()
+
+
+def test_an_up_to_date_database_is_checked_on_one_connection_without_alembic(
+    cli: Cli, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli("migrate")
+    monkeypatch.setattr(Database, "upgrade", _no_upgrade)
+    connects: list[object] = []
+
+    def count(dbapi_connection: object, _record: object) -> None:
+        connects.append(dbapi_connection)
+
+    listen(Engine, "connect", count)
+    try:
+        assert cli("connection", "list")[0] == 0
+    finally:
+        remove(Engine, "connect", count)
+    assert len(connects) == 1  # the check's connection, then reused by the listing
+
+
+def test_an_embedded_database_is_created_but_never_upgraded_by_a_command(
+    cli: Cli, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli("migrate")
+    monkeypatch.setattr(schema_check, "head_revision", lambda: NEXT)
+    monkeypatch.setattr(Database, "upgrade", _no_upgrade)
+
+    code, _, err = cli("connection", "list")
+
+    assert code == 1
+    assert "is out of date" in err
+
+
+def test_an_empty_database_named_by_url_is_not_created(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv(ENV_PREFIX + "DATABASE_URL", url)
+
+    assert cli("connection", "list") == (1, "", NO_SCHEMA)
+    assert table_names(url) == []
+
+
+@pytest.mark.parametrize(
+    ("current", "message"),
+    [
+        (None, "the database has no schema yet: run `hipchat-poller migrate`"),
+        ("0001", "the database schema is out of date (at 0001, this code needs 0002): "
+                 "run `hipchat-poller migrate`"),
+        ("0003", "the database schema (at 0003) is newer than this code (at 0002): "
+                 "run a newer hipchat-poller"),
+    ],
+)  # fmt: skip
+def test_what_a_schema_mismatch_tells_a_person(current: str | None, message: str) -> None:
+    assert schema_check.mismatch(current, "0002", {"0001", "0002"}) == message
 
 
 def test_status(cli: Cli, three_subs: EmulatorServer) -> None:

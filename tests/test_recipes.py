@@ -26,16 +26,11 @@ from storage.errors import ValidationError
 from storage.models import Connection, Subscription
 from tasks.runtime import Runtime
 from tasks.settings import Settings
-from worker import recipes
-from worker.recipes import (
-    StoredConnection,
-    StoredSubscription,
-    apply,
-    changed_fields,
-    plan,
-    register,
-)
+from worker import cli_recipes
+from worker.cli_recipes import register
+from worker.recipes_apply import apply
 from worker.recipes_load import load_recipes
+from worker.recipes_plan import StoredConnection, StoredSubscription, changed_fields, plan
 
 OPS_TOKEN = "ops-token-SECRET-0001"
 NEW_OPS_TOKEN = "ops-token-SECRET-0002"
@@ -250,7 +245,7 @@ def test_rooms_are_resolved_through_the_connections_bucket(
 def test_unreachable_hipchat_stores_rooms_unresolved(
     rt: Runtime, tmp_path: Path, closed_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="worker.recipes")
+    caplog.set_level(logging.WARNING, logger="tasks.subscriptions_api")
     path = recipes_file(tmp_path, closed_url)
 
     assert len(apply(rt, path)) == 5
@@ -839,7 +834,7 @@ def test_cli_apply_prints_the_changes_then_no_changes(
 
     def run(*argv: str) -> str:
         args = parser.parse_args(["apply", path, *argv])
-        assert args.handler is recipes.cmd_apply
+        assert args.handler is cli_recipes.cmd_apply
         assert args.handler(args) == 0
         return capsys.readouterr().out
 

@@ -89,7 +89,12 @@ def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def exercise_run(env: dict[str, str], server: EmulatorServer, tmp_path: Path) -> Service:
-    """Configure a ping/pong and a log trigger, start ``run``, prove events arrive once."""
+    """Configure a ping/pong and a log trigger, start ``run``, prove events arrive once.
+
+    A configured database (``HIPCHAT_POLLER_DATABASE_URL``) is migrated first, as the README
+    says; the embedded one is created by the first command."""
+    if "HIPCHAT_POLLER_DATABASE_URL" in env:
+        assert cli(env, "migrate") == "database schema is up to date (postgresql)\n"
     cli(
         env,
         "connection",

@@ -1,6 +1,18 @@
 """``hipchat-poller``: the command line. Each subcommand is a thin shell over plain functions.
 
-Exit codes: 0 success, 1 a runtime failure (HipChat or a service said no), 2 bad input.
+One module per command group, each with its ``register(subparsers)``::
+
+    cli_connections   connection add | list | remove | pause | resume
+    cli_subscriptions subscribe, subscriptions, unsubscribe
+    cli_actions       users, user, post, notify, add-member
+    cli_recipes       apply
+    cli_handlers      handlers sync
+    cli_admin         migrate, status
+    cli_run           run, demo, worker, beat, emulator
+    cli_common        what they share: the runtime (its schema checked), JSON output
+
+Exit codes: 0 success, 1 a runtime failure (HipChat or a service said no, or the database
+needs ``migrate``: a person must act), 2 bad input.
 Tokens are never printed; ``connection add`` takes them from ``--token``, from an
 environment variable (``--token-env``, default ``HIPCHAT_POLLER_TOKEN``) or from stdin.
 """
@@ -13,7 +25,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 from storage.errors import HipChatPollerError, InvalidInput, ValidationError
-from worker import cli_actions, cli_connections, cli_run, recipes
+from worker import (
+    cli_actions,
+    cli_admin,
+    cli_connections,
+    cli_handlers,
+    cli_recipes,
+    cli_run,
+    cli_subscriptions,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -32,10 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="DEBUG, INFO, WARNING, ERROR (default INFO)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    cli_connections.register(sub)
-    cli_actions.register(sub)
-    cli_run.register(sub)
-    recipes.register(sub)
+    for group in (
+        cli_connections,
+        cli_subscriptions,
+        cli_actions,
+        cli_recipes,
+        cli_handlers,
+        cli_admin,
+        cli_run,
+    ):
+        group.register(sub)
     return parser
 
 
@@ -69,7 +95,7 @@ def _dispatch(args_list: list[str]) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     level = args.log_level or "INFO"
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "DEBUG":  # every command checks the schema; its INFO lines are noise here
+    if level != "DEBUG":  # a first use creates the schema silently; Alembic's INFO is noise
         logging.getLogger("alembic").setLevel(logging.WARNING)
     handler: Handler = args.handler
     return handler(args)

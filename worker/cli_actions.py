@@ -1,18 +1,17 @@
 """The actions of the seeds as commands: ``users``, ``user``, ``post``, ``notify``,
-``add-member``; plus ``handlers sync``. Each prints JSON and takes a token from the
-connection's bucket like every other HipChat call."""
+``add-member``. Each prints JSON and takes a token from the connection's bucket like every
+other HipChat call."""
 
 from __future__ import annotations
 
 import argparse
-import json
+from collections.abc import Callable
 from typing import Any
 
-from storage.errors import ValidationError
 from tasks.actions import Actions
 from tasks.client_inputs import COLORS
 from tasks.client_inputs import MESSAGE_FORMATS as FORMATS
-from worker.cli_connections import runtime
+from worker.cli_common import print_json, runtime
 
 
 def register(sub: Any) -> None:
@@ -23,18 +22,14 @@ def register(sub: Any) -> None:
 
     p = action("users", "list the users of a room (members if private, else participants)")
     p.add_argument("room")
-    p.set_defaults(
-        handler=lambda a: _print(Actions(runtime(), a.connection).list_room_users(a.room))
-    )
+    p.set_defaults(handler=lambda a: _act(a, lambda act: act.list_room_users(a.room)))
     p = action("user", "get a user by id, email or @mention name")
     p.add_argument("user")
-    p.set_defaults(handler=lambda a: _print(Actions(runtime(), a.connection).get_user(a.user)))
+    p.set_defaults(handler=lambda a: _act(a, lambda act: act.get_user(a.user)))
     p = action("post", "post a message to a room (1..1000 characters)")
     p.add_argument("room")
     p.add_argument("message")
-    p.set_defaults(
-        handler=lambda a: _print(Actions(runtime(), a.connection).post_message(a.room, a.message))
-    )
+    p.set_defaults(handler=lambda a: _act(a, lambda act: act.post_message(a.room, a.message)))
     p = action("notify", "send a notification to a room (1..10000 characters)")
     p.add_argument("room")
     p.add_argument("message")
@@ -51,42 +46,24 @@ def register(sub: Any) -> None:
     p = action("add-member", "add a user (id, email or @mention) to a private room")
     p.add_argument("room")
     p.add_argument("user")
-    p.set_defaults(
-        handler=lambda a: _print(Actions(runtime(), a.connection).add_member(a.room, a.user))
-    )
-
-    h = sub.add_parser("handlers", help="Python handlers registered with @on")
-    hs = h.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sync = hs.add_parser("sync", help="store one subscription per handler of a module")
-    sync.add_argument("module", nargs="?", help="default: $HIPCHAT_POLLER_HANDLERS_MODULE")
-    sync.set_defaults(handler=cmd_handlers_sync)
+    p.set_defaults(handler=lambda a: _act(a, lambda act: act.add_member(a.room, a.user)))
 
 
-def _print(result: dict[str, Any]) -> int:
-    print(json.dumps(result, indent=2, ensure_ascii=False))
-    return 0
+def _act(args: argparse.Namespace, call: Callable[[Actions], dict[str, Any]]) -> int:
+    """Run one action on the connection ``args.connection``; print its JSON result."""
+    with runtime() as rt:
+        return print_json(call(Actions(rt, args.connection)))
 
 
 def cmd_notify(args: argparse.Namespace) -> int:
-    return _print(
-        Actions(runtime(), args.connection).send_notification(
+    return _act(
+        args,
+        lambda act: act.send_notification(
             args.room,
             args.message,
             color=args.color,
             message_format=args.message_format,
             notify=args.notify,
             from_=args.from_,
-        )
+        ),
     )
-
-
-def cmd_handlers_sync(args: argparse.Namespace) -> int:
-    from tasks.handlers import sync_handlers
-
-    rt = runtime()
-    module = args.module or rt.settings.handlers_module
-    if not module:
-        raise ValidationError("name a module, or set HIPCHAT_POLLER_HANDLERS_MODULE")
-    for line in sync_handlers(rt, module) or ["no changes"]:
-        print(line)
-    return 0

@@ -1,35 +1,21 @@
-"""Commands: ``connection ...``, ``subscribe``, ``subscriptions``, ``unsubscribe``,
-``migrate``, ``status``."""
+"""Commands: ``connection add | list | remove | pause | resume``."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from sqlalchemy.orm import Session
 
 from storage import connections as conns
-from storage import outbox
-from storage import subscriptions as subs
 from storage.errors import ValidationError
-from storage.vocabulary import Event
-from tasks.client_inputs import COLORS
-from tasks.client_inputs import MESSAGE_FORMATS as FORMATS
-from tasks.runtime import Runtime
-from tasks.settings import Settings
-from tasks.subscribe import SubscriptionSpec, name_errors, spec_errors
-from tasks.subscriptions_api import create_subscriptions
+from worker.cli_common import connection_id, runtime
 
 TOKEN_ENV = "HIPCHAT_POLLER_TOKEN"  # noqa: S105 (a variable name, not a secret)
-
-
-def runtime() -> Runtime:
-    rt = Runtime(Settings.from_env())
-    rt.db.upgrade()
-    return rt
 
 
 def register(sub: Any) -> None:
@@ -54,51 +40,6 @@ def register(sub: Any) -> None:
             p.add_argument("name")
         p.set_defaults(handler=handler)
 
-    s = sub.add_parser("subscribe", help="subscribe a downstream target to a trigger")
-    s.add_argument("connection")
-    s.add_argument(
-        "--event",
-        action="append",
-        required=True,
-        # No `choices`: an unknown event is reported together with every other problem.
-        help=f"repeat for several events: {', '.join(sorted(Event))}",
-    )
-    s.add_argument("--room", help="room name or id (room events)")
-    s.add_argument("--filter", help="regex for room_message; its groups become `matches`")
-    s.add_argument("--backfill", type=int, default=0, help="replay the last N items at priming")
-    s.add_argument("--name", help="a name for the subscription (unique per connection)")
-    target = s.add_mutually_exclusive_group(required=True)
-    target.add_argument("--webhook", metavar="URL", help="POST each event as signed JSON")
-    target.add_argument("--log", action="store_true", help="log each event (demo, debugging)")
-    target.add_argument(
-        "--reply", metavar="TEMPLATE", help="post a message, e.g. 'pong {matches[0]}'"
-    )
-    target.add_argument("--notify", metavar="TEMPLATE", help="send a notification")
-    target.add_argument(
-        "--handler", dest="handler_ref", metavar="MODULE:FUNCTION", help="a Python handler"
-    )
-    s.add_argument("--secret", help="HMAC secret for --webhook (or $HIPCHAT_POLLER_WEBHOOK_SECRET)")
-    s.add_argument("--to-room", help="room the action posts to (default: the event's room)")
-    s.add_argument("--color", default="yellow", help=f"for --notify: {', '.join(COLORS)}")
-    s.add_argument("--format", default="html", choices=FORMATS, help="for --notify")
-    s.add_argument("--from", dest="from_", metavar="TEMPLATE", help="for --notify: sender label")
-    s.add_argument("--alert", action="store_true", help="for --notify: notify the room's users")
-    s.set_defaults(handler=cmd_subscribe)
-
-    ls = sub.add_parser("subscriptions", help="list subscriptions")
-    ls.add_argument("connection", nargs="?")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(handler=cmd_subscriptions)
-    un = sub.add_parser("unsubscribe", help="remove a subscription by id")
-    un.add_argument("id", type=int)
-    un.set_defaults(handler=cmd_unsubscribe)
-    sub.add_parser("migrate", help="create or upgrade the database schema").set_defaults(
-        handler=cmd_migrate
-    )
-    sub.add_parser("status", help="connections, subscriptions and the outbox").set_defaults(
-        handler=cmd_status
-    )
-
 
 def read_token(args: argparse.Namespace) -> str:
     """The token from --token, stdin (no echo on a terminal) or an environment variable.
@@ -116,16 +57,14 @@ def read_token(args: argparse.Namespace) -> str:
 
 
 def cmd_connection_add(args: argparse.Namespace) -> int:
-    rt = runtime()
-    with rt.db.session() as s:
+    with runtime() as rt, rt.db.session() as s:
         row = conns.add_connection(s, args.name, args.base_url, read_token(args), rt.cipher)
         print(f"connection {row.name} added (id {row.id}, {row.base_url})")
     return 0
 
 
 def cmd_connection_list(args: argparse.Namespace) -> int:
-    rt = runtime()
-    with rt.db.session() as s:
+    with runtime() as rt, rt.db.session() as s:
         rows = conns.list_connections(s)
         if not rows:
             print("no connections; add one with `hipchat-poller connection add`")
@@ -139,173 +78,27 @@ def cmd_connection_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _named(args: argparse.Namespace) -> tuple[Runtime, int]:
-    rt = runtime()
-    with rt.db.session() as s:
-        row = conns.get_connection(s, args.name)
-        if row is None:
-            raise ValidationError(f"no connection named {args.name!r}")
-        return rt, row.id
+def _on_named(args: argparse.Namespace, change: Callable[[Session, int], object], done: str) -> int:
+    """Apply ``change`` to the connection ``args.name`` in one transaction; print ``done``."""
+    with runtime() as rt, rt.db.session() as s:
+        change(s, connection_id(s, args.name))
+    print(f"connection {args.name} {done}")
+    return 0
 
 
 def cmd_connection_remove(args: argparse.Namespace) -> int:
-    rt, conn_id = _named(args)
-    with rt.db.session() as s:
-        conns.remove_connection(s, conn_id)
-    print(f"connection {args.name} removed")
-    return 0
+    return _on_named(args, conns.remove_connection, "removed")
 
 
 def cmd_connection_pause(args: argparse.Namespace) -> int:
-    rt, conn_id = _named(args)
-    with rt.db.session() as s:
+    def pause(s: Session, conn_id: int) -> None:
         conns.set_connection_state(s, conn_id, "paused", "paused by an operator")
-    print(f"connection {args.name} paused")
-    return 0
+
+    return _on_named(args, pause, "paused")
 
 
 def cmd_connection_resume(args: argparse.Namespace) -> int:
-    rt, conn_id = _named(args)
-    with rt.db.session() as s:
+    def resume(s: Session, conn_id: int) -> None:
         conns.set_connection_state(s, conn_id, "active", None)
-    print(f"connection {args.name} active")
-    return 0
 
-
-def _target(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    if args.webhook:
-        secret = args.secret or os.environ.get("HIPCHAT_POLLER_WEBHOOK_SECRET")
-        return "webhook", {"url": args.webhook, **({"secret": secret} if secret else {})}
-    if args.log:
-        return "log", {}
-    if args.handler_ref:
-        return "handler", {"handler": args.handler_ref}
-    room = {"room": args.to_room} if args.to_room else {}
-    if args.reply is not None:
-        return "action", {"action": "post_message", "message": args.reply, **room}
-    return "action", {
-        "action": "send_notification",
-        "message": args.notify,
-        "color": args.color,
-        "format": args.format,
-        "notify": args.alert,
-        **({"from": args.from_} if args.from_ is not None else {}),
-        **room,
-    }
-
-
-def cmd_subscribe(args: argparse.Namespace) -> int:
-    kind, target = _target(args)
-    specs = [
-        SubscriptionSpec(
-            connection=args.connection,
-            event=event,
-            target_kind=kind,
-            target=dict(target),
-            room=args.room,
-            filter=args.filter,
-            backfill=args.backfill,
-            name=f"{args.name}-{event}" if args.name and len(args.event) > 1 else args.name,
-        )
-        for event in args.event
-    ]
-    # Checked before touching the database: bad input needs no runtime.
-    errors = [e for spec in specs for e in spec_errors(spec) + name_errors(spec.name)]
-    if errors:
-        raise ValidationError("invalid subscription", list(dict.fromkeys(errors)))
-    rt = runtime()
-    for view in create_subscriptions(rt, specs):
-        room = f" room {view.room}" if view.room else ""
-        print(f"subscription {view.id}: {view.event}{room} -> {view.target_kind}")
-    return 0
-
-
-def cmd_subscriptions(args: argparse.Namespace) -> int:
-    rt = runtime()
-    with rt.db.session() as s:
-        conn_id = None
-        if args.connection:
-            row = conns.get_connection(s, args.connection)
-            if row is None:
-                raise ValidationError(f"no connection named {args.connection!r}")
-            conn_id = row.id
-        rows = subs.list_subscriptions(s, conn_id)
-        views = [subs_view(r) for r in rows]
-    if args.json:
-        print(json.dumps(views, indent=2))
-        return 0
-    for v in views:
-        extra = f" filter={v['filter']!r}" if v["filter"] else ""
-        reason = f" ({v['state_reason']})" if v["state_reason"] else ""
-        print(
-            f"{v['id']:>4}  conn {v['connection_id']}  {v['event']:<18} "
-            f"{v['room'] or '-':<16} -> {v['target_kind']}{extra}  {v['state']}{reason}"
-        )
-    return 0
-
-
-def subs_view(row: Any) -> dict[str, Any]:
-    """A subscription as shown to people: secrets are never shown."""
-    target = {k: v for k, v in dict(row.target).items() if "secret" not in k}
-    if isinstance(target.get("url"), str):
-        target["url"] = shown_url(target["url"])
-    return {
-        "id": row.id,
-        "connection_id": row.connection_id,
-        "name": row.name,
-        "event": row.event,
-        "room": row.room,
-        "room_id": row.room_id,
-        "filter": row.filter,
-        "target_kind": row.target_kind,
-        "target": target,
-        "state": row.state,
-        "state_reason": row.state_reason,
-        "primed": row.primed_at is not None,
-    }
-
-
-def shown_url(url: str) -> str:
-    """A webhook URL for display: its userinfo and query string may hold a secret."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    netloc = f"***@{host}" if "@" in parts.netloc else host
-    return urlunsplit(parts._replace(netloc=netloc, query="***" if parts.query else ""))
-
-
-def cmd_unsubscribe(args: argparse.Namespace) -> int:
-    rt = runtime()
-    with rt.db.session() as s:
-        if not subs.remove_subscription(s, args.id):
-            raise ValidationError(f"no subscription {args.id}")
-    print(f"subscription {args.id} removed")
-    return 0
-
-
-def cmd_migrate(args: argparse.Namespace) -> int:
-    rt = runtime()
-    print(f"database schema is up to date ({rt.db.dialect})")
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    """Connections with their state and last poll, subscriptions by state, the outbox."""
-    rt = runtime()
-    with rt.db.session() as s:
-        connections = [
-            {
-                "id": row.id,
-                "name": row.name,
-                "state": row.state,
-                "state_reason": row.state_reason,
-                "last_poll_at": row.last_poll_at,
-                "last_poll_status": row.last_poll_status,
-            }
-            for row in conns.list_connections(s)
-        ]
-        states: dict[str, int] = {}
-        for sub in subs.list_subscriptions(s):
-            states[sub.state] = states.get(sub.state, 0) + 1
-        report = {"connections": connections, "subscriptions": states, "outbox": outbox.stats(s)}
-    print(json.dumps(report, indent=2, default=str))
-    return 0
+    return _on_named(args, resume, "active")

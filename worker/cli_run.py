@@ -1,5 +1,11 @@
-"""``run`` (worker + beat in one process), ``worker`` and ``beat`` (Celery's own commands
-with our app), ``emulator``, ``flower``."""
+"""Commands: ``run`` (worker + beat in one process), ``demo``, ``worker`` and ``beat``
+(Celery's own commands with our app), ``emulator``.
+
+The database schema: ``run`` on embedded defaults (no Redis: this process is the only one)
+upgrades it like ``migrate``; ``run`` with Redis, ``worker`` and ``beat`` only check it and
+refuse to start on an out-of-date database (:mod:`worker.schema_check`), because other
+processes of another version may be using it: upgrading is ``hipchat-poller migrate``'s job.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,15 @@ import logging
 import sys
 from typing import Any
 
+from celery.bin.celery import celery
+
+from emulator.cli import main as emulator_main
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 from worker.app import ACTION_QUEUE, POLL_QUEUE, create_app
+from worker.demo import run_demo
+from worker.embedded import EmbeddedWorker
+from worker.schema_check import check_schema
 
 log = logging.getLogger(__name__)
 APP = "worker.celery_app:app"
@@ -63,8 +75,6 @@ def passthrough(argv: list[str]) -> int | None:
     # Celery knows only --help; -h is what people type.
     options = ["--help" if a == "-h" else a for a in rest[1:]]
     if command == "emulator":
-        from emulator.cli import main as emulator_main
-
         return emulator_main(options)
     wants_help = any(a in HELP_FLAGS for a in options)
     if not wants_help:
@@ -79,7 +89,7 @@ def passthrough(argv: list[str]) -> int | None:
                 file=sys.stderr,
             )
             return 2
-        Runtime(settings).db.upgrade()
+        _schema_ready(settings)
     if level and not any(a.startswith(("-l", "--loglevel")) for a in options):
         options = [*options, "--loglevel", level]
     return _celery(command, options)
@@ -95,8 +105,6 @@ def _global_log_level(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def _celery(command: str, options: list[str]) -> int:
     """Run Celery's own ``worker`` or ``beat`` command on our app; its exit code."""
-    from celery.bin.celery import celery
-
     if command == "worker":
         queues = any(a.startswith(("-Q", "--queues")) for a in options)
         extra = [] if queues else ["-Q", f"{POLL_QUEUE},{ACTION_QUEUE}"]
@@ -112,13 +120,25 @@ def _celery(command: str, options: list[str]) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from worker.embedded import EmbeddedWorker
+def _schema_ready(settings: Settings, *, upgrade: bool = False) -> None:
+    """Upgrade the schema, or check it (a worker on an old schema would fail task by task);
+    on its own engine, closed afterwards: the worker's processes build their own."""
+    rt = Runtime(settings)
+    try:
+        if upgrade:
+            rt.db.upgrade()
+        else:
+            check_schema(rt)
+    finally:
+        rt.db.dispose()
 
+
+def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    # On embedded defaults this is the one process using the database: it may upgrade it.
+    _schema_ready(settings, upgrade=settings.embedded)
     app = create_app(settings)
     rt = Runtime.of(app)
-    rt.db.upgrade()
     mode = "embedded (in-process broker and bucket)" if settings.embedded else "Redis"
     log.info(
         "hipchat-poller run: %s; database %s; poll every %ss",
@@ -131,7 +151,5 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
-
     logging.getLogger().setLevel((args.log_level or "WARNING").upper())
     return run_demo(interval=args.interval, timeout=args.timeout)

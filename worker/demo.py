@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery.exceptions import SecurityWarning
 from cryptography.fernet import Fernet
 
+from emulator import EmulatorServer
 from storage import connections as conns
 from storage import outbox
+from storage import subscriptions as subs
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 from tasks.subscribe import SubscriptionSpec
@@ -107,12 +111,6 @@ def subscriptions() -> list[SubscriptionSpec]:
 def run_demo(
     *, interval: float = 2.0, timeout: float = 60.0, out: Callable[[str], None] = print
 ) -> int:
-    import warnings
-
-    from celery.exceptions import SecurityWarning
-
-    from emulator import EmulatorServer
-
     # The demo often runs as root in a container; the advice is for production workers.
     warnings.filterwarnings("ignore", category=SecurityWarning)
 
@@ -138,7 +136,7 @@ def run_demo(
 
 def _scenario(
     rt: Runtime,
-    server: Any,
+    server: EmulatorServer,
     worker: EmbeddedWorker,
     interval: float,
     timeout: float,
@@ -188,8 +186,6 @@ def _scenario(
 
 
 def _all_primed(rt: Runtime) -> bool:
-    from storage import subscriptions as subs
-
     with rt.db.session() as s:
         rows = subs.list_subscriptions(s)
         return bool(rows) and all(r.primed_at is not None for r in rows)

@@ -1,10 +1,10 @@
-"""``hipchat-poller apply FILE``: make the stored connections and subscriptions match a file.
+"""Making the stored connections and subscriptions match a recipes file: :func:`apply`.
 
 ::
 
     load_recipes(FILE)       parse and check everything (worker.recipes_load); nothing touched
           |
-    snapshot() + plan()      read what is stored and diff it against the file (pure)
+    snapshot() + plan()      read what is stored; diff it with the file (worker.recipes_plan)
           |                  a dry run stops here: no HipChat call, no write
     look up new rooms        on connections that already exist, outside any transaction;
           |                  an unknown room stops everything before the first write
@@ -23,12 +23,9 @@ errors or in logs; the lines name what changed (``~ connection ops (token)``), n
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -38,19 +35,18 @@ from storage.errors import ValidationError
 from storage.models import Subscription
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import lookup_rooms, stored_target
-from worker.cli_connections import runtime
-from worker.recipes_load import (
-    RECIPE_PREFIX,
-    ConnectionRecipe,
-    Recipes,
-    SubscriptionRecipe,
-    load_recipes,
+from worker.recipes_load import load_recipes
+from worker.recipes_model import RECIPE_PREFIX, Recipes, SubscriptionRecipe
+from worker.recipes_plan import (
+    ConnectionChange,
+    Plan,
+    StoredConnection,
+    StoredSubscription,
+    plan,
 )
 
 log = logging.getLogger(__name__)
 
-# Changing one of these makes it another trigger: the old row goes, a new one primes afresh.
-RECREATE_FIELDS = ("connection", "event", "room")
 # A secret that the current key cannot decrypt: equal to no secret the file can give.
 _UNREADABLE = "\x00unreadable"
 
@@ -59,29 +55,6 @@ RoomCache = dict[tuple[str, str], tuple[int, str] | None]
 
 
 # -- what is stored ---------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class StoredConnection:
-    id: int
-    name: str
-    base_url: str
-    token: str = field(repr=False)  # _UNREADABLE if the current key cannot decrypt it
-
-
-@dataclass(frozen=True, slots=True)
-class StoredSubscription:
-    id: int
-    connection: str  # the connection's name
-    name: str
-    event: str
-    room: str | None
-    room_id: int | None
-    filter: str | None
-    target_kind: str
-    target: dict[str, Any]  # without secret_encrypted
-    backfill: int
-    secret: str | None = field(default=None, repr=False)
-
-
 def snapshot(s: Session, rt: Runtime) -> tuple[list[StoredConnection], list[StoredSubscription]]:
     """Every connection, and every subscription the recipes own, detached from ``s``."""
     connections = [
@@ -120,137 +93,6 @@ def _decrypt(rt: Runtime, ciphertext: str) -> str:
         return rt.cipher.decrypt(ciphertext)
     except ValidationError:
         return _UNREADABLE  # the key changed: applying the file stores the value afresh
-
-
-# -- the plan: a pure diff ----------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ConnectionChange:
-    stored: StoredConnection | None  # None: to create
-    recipe: ConnectionRecipe | None  # None: to remove
-    fields: tuple[str, ...] = ()
-
-    def line(self) -> str:
-        if self.stored is None:
-            assert self.recipe is not None
-            return f"+ connection {self.recipe.name}"
-        if self.recipe is None:
-            return f"- connection {self.stored.name} (with its subscriptions)"
-        return f"~ connection {self.stored.name} ({', '.join(self.fields)})"
-
-
-@dataclass(frozen=True, slots=True)
-class SubscriptionChange:
-    stored: StoredSubscription | None  # None: to create
-    recipe: SubscriptionRecipe | None  # None: to remove
-    fields: tuple[str, ...] = ()
-
-    @property
-    def recreate(self) -> bool:
-        return any(f in RECREATE_FIELDS for f in self.fields)
-
-    @property
-    def creates(self) -> bool:
-        return self.stored is None or self.recreate
-
-    def line(self) -> str:
-        if self.stored is None:
-            assert self.recipe is not None
-            return f"+ subscription {self.recipe.display_name}"
-        name = self.stored.name.removeprefix(RECIPE_PREFIX)
-        if self.recipe is None:
-            return f"- subscription {name}"
-        again = "; re-created" if self.recreate else ""
-        return f"~ subscription {name} ({', '.join(self.fields)}{again})"
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    connections: list[ConnectionChange]
-    subscriptions: list[SubscriptionChange]
-
-    def lines(self) -> list[str]:
-        """Connections first, then subscriptions (removed, changed, new), pruning last."""
-        kept = [c.line() for c in self.connections if c.recipe is not None]
-        order = {"-": 0, "~": 1, "+": 2}
-        changes = sorted((c.line() for c in self.subscriptions), key=lambda t: (order[t[0]], t))
-        pruned = [c.line() for c in self.connections if c.recipe is None]
-        return kept + changes + pruned
-
-    def creations(self) -> list[SubscriptionRecipe]:
-        return [c.recipe for c in self.subscriptions if c.creates and c.recipe is not None]
-
-
-def plan(
-    recipes: Recipes,
-    connections: Sequence[StoredConnection],
-    subscriptions: Sequence[StoredSubscription],
-    *,
-    prune_connections: bool = False,
-) -> Plan:
-    """What must change so that the stored state matches ``recipes``."""
-    return Plan(
-        _connection_changes(recipes, connections, prune_connections),
-        _subscription_changes(recipes, subscriptions),
-    )
-
-
-def _connection_changes(
-    recipes: Recipes, stored: Sequence[StoredConnection], prune: bool
-) -> list[ConnectionChange]:
-    by_name = {c.name: c for c in stored}
-    changes = []
-    for name, recipe in sorted(recipes.connections.items()):
-        old = by_name.get(name)
-        if old is None:
-            changes.append(ConnectionChange(None, recipe))
-            continue
-        differs = {"base_url": old.base_url != recipe.base_url, "token": old.token != recipe.token}
-        fields = tuple(f for f, changed in differs.items() if changed)
-        if fields:
-            changes.append(ConnectionChange(old, recipe, fields))
-    if prune:
-        gone = [c for c in stored if c.name not in recipes.connections]
-        changes.extend(ConnectionChange(c, None) for c in sorted(gone, key=lambda c: c.name))
-    return changes
-
-
-def _subscription_changes(
-    recipes: Recipes, stored: Sequence[StoredSubscription]
-) -> list[SubscriptionChange]:
-    wanted = {r.stored_name: r for r in recipes.subscriptions}
-    by_name: dict[str, list[StoredSubscription]] = {}
-    for old in stored:
-        by_name.setdefault(old.name, []).append(old)
-    changes: list[SubscriptionChange] = []
-    for name, rows in sorted(by_name.items()):
-        recipe = wanted.get(name)
-        if recipe is None:
-            changes.extend(SubscriptionChange(old, None) for old in rows)
-            continue
-        # The name is unique per connection only: keep the row on the wanted connection.
-        rows.sort(key=lambda old: old.connection != recipe.spec.connection)
-        changes.extend(SubscriptionChange(old, None) for old in rows[1:])
-        fields = changed_fields(rows[0], recipe)
-        if fields:
-            changes.append(SubscriptionChange(rows[0], recipe, fields))
-    changes.extend(SubscriptionChange(None, r) for n, r in wanted.items() if n not in by_name)
-    return changes
-
-
-def changed_fields(old: StoredSubscription, recipe: SubscriptionRecipe) -> tuple[str, ...]:
-    spec = recipe.spec
-    differs = {
-        "connection": old.connection != spec.connection,
-        "event": old.event != spec.event,
-        # Stored as the file wrote it (a resolved room also has room_id), so equality is exact
-        # on servers that match room names case-sensitively (HipChat) and on those that don't.
-        "room": old.room != spec.room,
-        "target": (old.target_kind, old.target, old.secret)
-        != (spec.target_kind, spec.target, recipe.secret),
-        "filter": old.filter != spec.filter,
-        "backfill": old.backfill != spec.backfill,
-    }
-    return tuple(f for f, changed in differs.items() if changed)
 
 
 # -- applying ---------------------------------------------------------------------------------
@@ -406,30 +248,3 @@ def resolve_rooms(
 def _raise_unknown(errors: list[str]) -> None:
     if errors:
         raise ValidationError(f"{len(errors)} unknown room(s)", errors)
-
-
-# -- command line -----------------------------------------------------------------------------
-def register(sub: Any) -> None:
-    """Add ``apply FILE [--dry-run] [--prune-connections]`` to the CLI's subparsers."""
-    p = sub.add_parser("apply", help="make connections and subscriptions match a recipes file")
-    p.add_argument("file", metavar="FILE", help="the recipes file (YAML, see docs/recipes.md)")
-    p.add_argument(
-        "--dry-run", action="store_true", help="show what would change; change and call nothing"
-    )
-    p.add_argument(
-        "--prune-connections",
-        action="store_true",
-        help="also remove connections the file does not name, with their subscriptions",
-    )
-    p.set_defaults(handler=cmd_apply)
-
-
-def cmd_apply(args: argparse.Namespace) -> int:
-    lines = apply(
-        runtime(), args.file, dry_run=args.dry_run, prune_connections=args.prune_connections
-    )
-    for line in lines or ["no changes"]:
-        print(line)
-    if args.dry_run:
-        print("dry run: nothing was changed")
-    return 0
