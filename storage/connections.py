@@ -97,16 +97,19 @@ def add_connection(
         poll_offset_seconds=poll_offset_for(name, poll_interval_seconds),
     )
     # The savepoint keeps the caller's transaction usable after a duplicate name.
-    with translated(f"a connection named {name!r} already exists"), s.begin_nested():
+    duplicate = f"a connection named {name!r} already exists (names are not case-sensitive)"
+    with translated(duplicate), s.begin_nested():
         s.add(connection)
     return connection
 
 
 def get_connection(s: Session, name_or_id: str | int) -> Connection | None:
-    """By id (an int), else by name; a string of digits that names nothing is tried as an id."""
+    """By id (an int), else by name in any case; a string of digits that names nothing is
+    tried as an id."""
     if isinstance(name_or_id, int):
         return s.get(Connection, name_or_id)
-    found = s.scalars(select(Connection).where(Connection.name == name_or_id)).one_or_none()
+    query = select(Connection).where(Connection.name_key == name_or_id.lower())
+    found = s.scalars(query).one_or_none()
     if found is None and name_or_id.isdigit():
         return s.get(Connection, int(name_or_id))
     return found

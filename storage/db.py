@@ -51,6 +51,8 @@ _MIGRATION_LOCK_ID = 0x4869_7043_6861_74  # "HipChat"
 
 _UNIQUE_MESSAGES = {
     "uq_connections_name": "a connection with this name already exists",
+    "uq_connections_name_key": "a connection with this name already exists "
+    "(names are not case-sensitive)",
     "uq_subscriptions_connection_id_name": "this connection already has a subscription "
     "with this name",
     "uq_outbox_events_idempotency_key": "an outbox event with this idempotency key exists",

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -64,6 +66,11 @@ def utcnow() -> datetime:
 
 def _in(column: str, vocabulary: type[StrEnum]) -> str:
     return f"{column} IN ({', '.join(repr(m.value) for m in vocabulary)})"
+
+
+def _name_key(context: Any) -> str:
+    """A connection's name in lower case, for the case-insensitive unique rule."""
+    return str(context.get_current_parameters()["name"]).lower()
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -112,10 +119,13 @@ class Connection(Base):
     __table_args__ = (
         UniqueConstraint("name"),
         CheckConstraint(_in("state", ConnectionState), name="state"),
+        # Names are told apart case-insensitively: "Ops" and "ops" would confuse people.
+        UniqueConstraint("name_key"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64))
+    name_key: Mapped[str] = mapped_column(String(64), default=_name_key)  # names never change
     base_url: Mapped[str] = mapped_column(Text)
     token_encrypted: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default="active")
@@ -156,6 +166,8 @@ class Subscription(Base):
     target_kind: Mapped[str] = mapped_column(String(16))
     target: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
     backfill: Mapped[int] = mapped_column(Integer, default=0)
+    # Fire on what the connection itself posted too (off: a reply never answers itself).
+    include_own: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     state: Mapped[str] = mapped_column(String(16), default="active")
     state_reason: Mapped[str | None] = mapped_column(Text)
     primed_at: Mapped[datetime | None]  # null until the first poll recorded the room's state
@@ -184,6 +196,27 @@ class Watermark(Base):
     last_id: Mapped[str | None] = mapped_column(Text)  # null for the priming markers
     last_date: Mapped[datetime]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ConnectionHealth(Base):
+    """How a connection's polls are going, written by the polls in batches (status reads it).
+
+    ``rooms`` maps a room id (as text) to ``{"error", "since", "attempts", "retry_at"}`` for
+    each room failing on its own; ``ratelimit`` holds HipChat's last ``remaining`` and
+    ``reset_at``. Kept apart from ``connections`` so that health writes never look like
+    configuration changes (beat refreshes connections by ``updated_at``)."""
+
+    __tablename__ = "connection_health"
+
+    connection_id: Mapped[int] = mapped_column(
+        ForeignKey("connections.id", ondelete="CASCADE"), primary_key=True
+    )
+    last_poll_at: Mapped[datetime | None]
+    last_ok_at: Mapped[datetime | None]
+    status: Mapped[str | None] = mapped_column(Text)
+    failing_since: Mapped[datetime | None]
+    rooms: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)
+    ratelimit: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)
 
 
 class KnownRoom(Base):
@@ -246,6 +279,8 @@ class OutboxEvent(Base):
     dispatched_at: Mapped[datetime | None]
     delivered_at: Mapped[datetime | None]
     next_attempt_at: Mapped[datetime | None]
+    # Every delivery attempt: [{"at", "outcome" or "error", "ms"}], oldest first (capped).
+    attempt_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     def __repr__(self) -> str:
         return (

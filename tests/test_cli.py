@@ -175,7 +175,12 @@ def test_connection_add_bad_url_and_duplicate_name_exit_2(cli: Cli, ops: Emulato
     assert (code, err) == (2, "error: bad base URL: expected http(s)://host[/path]\n")
 
     code, _, err = cli("connection", "add", "ops", "--base-url", ops.base_url, "--token", TOKEN)
-    assert (code, err) == (2, "error: a connection named 'ops' already exists\n")
+    duplicate = "a connection named {!r} already exists (names are not case-sensitive)\n"
+    assert (code, err) == (2, "error: " + duplicate.format("ops"))
+    code, _, err = cli("connection", "add", "OPS", "--base-url", ops.base_url, "--token", TOKEN)
+    assert (code, err) == (2, "error: " + duplicate.format("OPS"))
+    code, out, _ = cli("connection", "pause", "Ops")  # found in any case
+    assert (code, out) == (0, "connection Ops paused\n")
 
 
 def test_connection_token_options_are_exclusive(cli: Cli, server: EmulatorServer) -> None:
