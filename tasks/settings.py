@@ -37,6 +37,9 @@ class Settings:
     poll_interval_seconds: float = 60.0
     bucket_capacity: int = 100
     bucket_window_seconds: float = 60.0
+    # Kept on top of the window: HipChat stamps a call when it arrives, a little after the
+    # budget granted it (see tasks.budget).
+    bucket_margin_seconds: float = 1.0
     relay_interval_seconds: float = 30.0
     relay_min_age_seconds: float = 60.0
 
@@ -87,6 +90,8 @@ class Settings:
             errors.append("bucket_capacity must be >= 1")
         if self.bucket_window_seconds <= 0:
             errors.append("bucket_window_seconds must be > 0")
+        if self.bucket_margin_seconds < 0:
+            errors.append("bucket_margin_seconds must be >= 0")
         if not 1 <= self.history_page_size <= 1000:
             errors.append("history_page_size must be within 1..1000")
         if self.webhook_max_attempts < 1 or self.action_max_attempts < 1:
