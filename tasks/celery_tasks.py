@@ -20,9 +20,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task, shared_task
-from celery.exceptions import Retry
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 
-from storage.errors import BucketEmpty, RateLimited, RetryLater
+from storage.errors import BucketEmpty, RateLimited, RetryLater, TransportError
 from tasks.actions import Actions
 from tasks.delivery import backoff_seconds, drain
 from tasks.poll import PollResult, poll_connection
@@ -166,6 +166,12 @@ def _retrying(
     )
     try:
         return call(api)
+    except SoftTimeLimitExceeded as exc:  # HipChat too slow for too long: a failure
+        late = TransportError(f"the action took longer than its time limit ({exc!r})")
+        failures += 1
+        if failures >= rt.settings.action_max_attempts:
+            raise late from exc
+        raise come_back(task, late, failures, rt.settings) from exc
     except RetryLater as exc:
         if not waiting(exc):
             failures += 1
@@ -250,3 +256,15 @@ def add_member_task(
     self: Task, connection: int | str, room: int | str, user: int | str
 ) -> dict[str, Any]:
     return _retrying(self, lambda api: api.add_member(room, user), connection)
+
+
+ACTION_TASKS = tuple(
+    t.name
+    for t in (
+        list_room_users_task,
+        get_user_task,
+        post_message_task,
+        send_notification_task,
+        add_member_task,
+    )
+)

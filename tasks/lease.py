@@ -122,6 +122,17 @@ class Leases:
         with self._holding(key, f"subscription {subscription_id}") as got:
             yield got
 
+    def draining(self, subscription_ids: list[int]) -> set[int]:
+        """Which of these subscriptions a drain holds right now (one pipelined round trip)."""
+        if not subscription_ids:
+            return set()
+        with redis_errors("drain locks", f"{len(subscription_ids)} subscription(s)"):
+            pipe = self._redis.pipeline(transaction=False)
+            for subscription_id in subscription_ids:
+                pipe.exists(self._keys.drain_lock(subscription_id))
+            held = pipe.execute()
+        return {s for s, exists in zip(subscription_ids, held, strict=True) if exists}
+
     def request_drain(self, subscription_id: int) -> None:
         """Ask whoever holds the subscription's drain lock to drain once more after it."""
         with redis_errors("drain request", f"subscription {subscription_id}"):

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
 from storage import connections as conns
@@ -434,9 +435,9 @@ def poll_connection(
                 health.finished(record, now, result.status, failed=True, behind=[]),
             )
             return result
-        except RetryLater as exc:
-            # The whole connection waits (budget, 429) or cannot be served (storage): what is
-            # not reached goes first next time.
+        except (RetryLater, SoftTimeLimitExceeded) as exc:
+            # The whole connection waits (budget, 429), cannot be served (storage), or the poll
+            # ran out of time: what is not reached goes first next time.
             behind = [x.key for x in streams[position:] if x.key not in result.done]
             waiting = isinstance(exc, BucketEmpty | RateLimited)
             status = f"waiting: {exc}" if waiting else f"failing: {exc}"

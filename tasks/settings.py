@@ -40,8 +40,10 @@ class Settings:
     # Kept on top of the window: HipChat stamps a call when it arrives, a little after the
     # budget granted it (see tasks.budget).
     bucket_margin_seconds: float = 1.0
-    relay_interval_seconds: float = 30.0
-    relay_min_age_seconds: float = 60.0
+    # A drain lost with a worker killed mid-delivery is sent again within about
+    # interval + min age (its lock frees in 10 s): every pending event arrives within 30 s.
+    relay_interval_seconds: float = 10.0
+    relay_min_age_seconds: float = 15.0
 
     http_connect_timeout_seconds: float = 5.0
     http_read_timeout_seconds: float = 30.0
@@ -52,6 +54,9 @@ class Settings:
     webhook_backoff_base_seconds: float = 2.0
     webhook_backoff_max_seconds: float = 600.0
     action_max_attempts: int = 10
+    # A message a dead worker held comes back after this long (Redis broker). Longer than
+    # the longest countdown: a budget reservation (15 min at most) or a webhook backoff.
+    broker_visibility_timeout_seconds: float = 3600.0
 
     handlers_module: str | None = None
     log_level: str = "INFO"

@@ -14,13 +14,19 @@ from typing import Any
 
 import pytest
 from celery import Celery, Task
-from celery.exceptions import Retry
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 import tasks.celery_tasks  # noqa: F401  (registers the shared tasks)
 from emulator import EmulatorServer, ManualClock
 from storage.errors import NotFound, RateLimited, ServerError, ValidationError
+from tasks import celery_tasks
+from tasks.actions import Actions
 from tasks.budget import BudgetEmpty, Status
-from tasks.celery_tasks import FAILURES_HEADER, JITTER_SECONDS, RESERVATION_HEADER
+from tasks.celery_tasks import (
+    FAILURES_HEADER,
+    JITTER_SECONDS,
+    RESERVATION_HEADER,
+)
 from tasks.runtime import Runtime
 from tests.actions_support import add_connection, make_settings
 from tests.waiting import wait_for
@@ -255,3 +261,31 @@ def test_only_hipchats_failures_count_toward_action_max_attempts(
     assert isinstance(caught.value.__context__, BudgetEmpty)
     assert caught.value.sig is not None
     assert caught.value.sig.options["headers"][FAILURES_HEADER] == 2
+
+
+def test_every_task_has_soft_and_hard_time_limits(tmp_path: Path, emulator: EmulatorServer) -> None:
+    app = make_app(tmp_path, emulator, poll_interval_seconds=60.0)
+    assert tuple(ACTION_TASKS) == celery_tasks.ACTION_TASKS
+    for name in [*ACTION_TASKS, "hipchat.poll_connection", "hipchat.deliver"]:
+        task = app.tasks[name]
+        assert task.soft_time_limit is not None
+        assert task.time_limit == task.soft_time_limit + 30.0
+    # An action makes up to three calls, each within the HTTP timeouts (5 s + 30 s).
+    assert app.tasks["hipchat.action.post_message"].soft_time_limit == 3 * 35.0 + 10.0
+    assert app.conf.broker_transport_options == {"polling_interval": 0.1}  # in-process
+
+
+def test_an_action_past_its_soft_time_limit_is_a_failure_and_retried(
+    tmp_path: Path, emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(tmp_path, emulator)
+    task = app.tasks["hipchat.action.get_user"]
+
+    def too_slow(*args: Any, **kwargs: Any) -> Any:
+        raise SoftTimeLimitExceeded
+
+    monkeypatch.setattr(Actions, "get_user", too_slow)
+    with pytest.raises(Retry) as caught:
+        run_as_worker(task, "ops", "@bobb")
+    assert caught.value.sig is not None
+    assert caught.value.sig.options["headers"][FAILURES_HEADER] == 1

@@ -10,12 +10,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from redis.lock import Lock
 
 from emulator import EmulatorServer
 from storage import outbox
 from storage.errors import BucketEmpty, RateLimited
 from tasks import delivery
 from tasks.delivery import DrainResult, backoff_seconds, drain
+from tasks.relay import relay
 from tests.pipeline_support import (
     ROOM,
     Backend,
@@ -305,3 +307,22 @@ def test_relay_finds_events_committed_but_never_dispatched(pipeline: Pipeline) -
     assert drain(p.rt, sub).delivered == 2
     with p.rt.db.session() as s:
         assert outbox.undispatched(s, older_than=datetime.now(UTC) + timedelta(hours=1)) == []
+
+
+def test_the_relay_resends_what_nobody_drains_and_leaves_live_drains_alone(
+    pipeline: Pipeline,
+) -> None:
+    """A worker killed mid-delivery leaves dispatched events and, for 10 s, its lock: the relay
+    skips the subscription while the lock is held, and re-sends its drain once it is gone."""
+    p = pipeline
+    sub = p.subscribe("room_message").id
+    p.add_events(sub, 1)
+    sent: list[int] = []
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    dead_drain = Lock(p.rt.redis, p.rt.keys.drain_lock(sub), timeout=60, thread_local=False)
+    assert dead_drain.acquire(blocking=False)
+    assert relay(p.rt, sent.append, later) == 0
+    assert sent == []
+    dead_drain.release()  # its TTL ran out
+    assert relay(p.rt, sent.append, later) == 1
+    assert sent == [sub]

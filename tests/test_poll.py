@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 
 from storage import health as health_store
 from storage import outbox
@@ -644,3 +645,28 @@ def test_crash_between_commit_and_enqueue_is_relayed(pipeline: Pipeline) -> None
         assert [e.id for e in stale] == _dispatched_ids(result)
         assert {e.subscription_id for e in stale} == {sub.id}
         assert {e.state for e in stale} == {"pending"}
+
+
+def test_a_poll_past_its_time_limit_leaves_the_rest_for_next_time(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = pipeline
+    p.state.create_room("Other")
+    p.subscribe("room_message")
+    p.subscribe("room_message", room="Other")
+    p.poll()
+    real = poll_module.Poll.poll_stream
+
+    def slow_second(self: poll_module.Poll, stream: Any) -> None:
+        if stream.room_id != p.room_id:
+            raise SoftTimeLimitExceeded
+        real(self, stream)
+
+    monkeypatch.setattr(poll_module.Poll, "poll_stream", slow_second)
+    with pytest.raises(SoftTimeLimitExceeded):
+        p.poll()
+    with p.rt.db.session() as s:
+        stored = health_store.get_health(s, p.conn_id)
+    assert len(stored.behind) == 1
+    assert stored.behind[0].startswith("history:")
+    assert stored.behind[0] != f"history:{p.room_id}"
