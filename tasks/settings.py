@@ -39,6 +39,7 @@ class Settings:
     bucket_window_seconds: float = 60.0
     relay_interval_seconds: float = 30.0
     relay_min_age_seconds: float = 60.0
+    outbox_retention_days: float = 7.0  # delivered and dead events are purged after this
 
     http_connect_timeout_seconds: float = 5.0
     http_read_timeout_seconds: float = 30.0
