@@ -148,7 +148,7 @@ def mark_delivered(
     duration_ms: float | None = None,
 ) -> bool:
     """Close an open event as delivered; False if it was already closed or does not exist.
-    The attempt (``outcome``, ``duration_ms``) is appended to the event's attempt log."""
+    The attempt is appended to the attempt log (``attempts`` counts the failed ones only)."""
     text = outcome[:MAX_TEXT_LENGTH] if outcome else None
     return _close(
         s,

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.fernet import Fernet
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.event import listen, remove
 
@@ -24,82 +21,9 @@ from emulator import EmulatorServer
 from storage import subscriptions as subs
 from storage.db import Database, head_revision
 from storage.vocabulary import OutboxState
-from tasks.runtime import Runtime
-from tasks.settings import Settings
+from tests.cli_support import ENV_PREFIX, ROOT, TOKEN, Cli, runtime
 from tests.storage_support import opened, postgres_schema
 from worker import cli_run, schema_check
-from worker.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
-TOKEN = f"tok-{uuid.uuid4().hex}"  # distinctive, so its absence from the output means something
-ENV_PREFIX = "HIPCHAT_POLLER_"
-
-
-class Cli:
-    """Runs ``main(argv)`` and keeps everything it printed and logged, for the token check."""
-
-    def __init__(self, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture):
-        self.capsys = capsys
-        self.caplog = caplog
-        self.everything: list[str] = []
-
-    def __call__(self, *argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        out, err = self.capsys.readouterr()
-        self.everything += [out, err]
-        return code, out, err
-
-    def json(self, *argv: str) -> Any:
-        code, out, err = self(*argv)
-        assert code == 0, err
-        return json.loads(out)
-
-    def all_output(self) -> str:
-        return "\n".join([*self.everything, self.caplog.text])
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv(ENV_PREFIX + "DATA_DIR", str(tmp_path))
-    monkeypatch.setenv(ENV_PREFIX + "SECRET_KEY", Fernet.generate_key().decode())
-    monkeypatch.setenv(ENV_PREFIX + "REDIS_KEY_PREFIX", f"hp-test-{uuid.uuid4().hex[:12]}")
-    return tmp_path
-
-
-@pytest.fixture
-def cli(
-    data_dir: Path,
-    capsys: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[Cli]:
-    caplog.set_level(logging.DEBUG)  # the client's DEBUG lines too: none may show the token
-    runner = Cli(capsys, caplog)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    yield runner
-    assert TOKEN not in runner.all_output()
-
-
-@pytest.fixture
-def server(emulator: EmulatorServer) -> EmulatorServer:
-    emulator.state.create_token(1, token=TOKEN)
-    emulator.state.create_room("Factor")
-    return emulator
-
-
-@pytest.fixture
-def ops(cli: Cli, server: EmulatorServer) -> EmulatorServer:
-    code, _, err = cli("connection", "add", "ops", "--base-url", server.base_url, "--token", TOKEN)
-    assert code == 0, err
-    return server
-
-
-def runtime() -> Runtime:
-    return Runtime(Settings.from_env())
-
 
 # -- connections ----------------------------------------------------------------------------
 
@@ -469,9 +393,10 @@ def test_add_member(cli: Cli, ops: EmulatorServer) -> None:
         (["add-member", "ops", "General", "@bobb"], 2,
          ["error: room 'General' is public; only private rooms have members to add"]),
         (["users", "nope", "Factor"], 2, ["error: no connection 'nope'"]),
-        (["users", "ops", "Nowhere"], 1,
+        # An unknown room or user is bad input, like an unknown connection.
+        (["users", "ops", "Nowhere"], 2,
          ["error: GET /v2/room/Nowhere: HTTP 404: Room Nowhere not found"]),
-        (["user", "ops", "@ghost"], 1, ["error: GET /v2/user/%40ghost: HTTP 404: User not found"]),
+        (["user", "ops", "@ghost"], 2, ["error: GET /v2/user/%40ghost: HTTP 404: User not found"]),
         (["post", "ops"], 2, None),
     ],
 )  # fmt: skip
@@ -674,18 +599,21 @@ def test_what_a_schema_mismatch_tells_a_person(current: str | None, message: str
 def test_status(cli: Cli, three_subs: EmulatorServer) -> None:
     cli("connection", "pause", "ops")
 
-    report = cli.json("status")
+    code, out, _ = cli("status", "--json")
 
+    assert code == 0  # paused is not failing: a person paused it
+    report = json.loads(out)
     [connection] = report["connections"]
-    assert (connection["name"], connection["state"], connection["last_poll_at"]) == (
+    assert (connection["name"], connection["state"], connection["last_ok_at"]) == (
         "ops",
         "paused",
         None,
     )
-    assert report["subscriptions"] == {"active": 3}
+    assert [s["state"] for s in report["subscriptions"]] == ["active"] * 3
     assert report["outbox"] == dict.fromkeys(
         (s.value for s in OutboxState), 0
     )  # every state listed, nothing polled yet
+    assert (report["healthy"], report["problems"]) == (True, [])
 
 
 def test_handlers_sync(cli: Cli, ops: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> None:

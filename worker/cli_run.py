@@ -20,6 +20,7 @@ from emulator.cli import main as emulator_main
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 from worker.app import ACTION_QUEUE, POLL_QUEUE, create_app
+from worker.cli_format import positive_int
 from worker.demo import run_demo
 from worker.embedded import EmbeddedWorker
 from worker.schema_check import check_schema
@@ -33,7 +34,7 @@ def register(sub: Any) -> None:
         "run",
         help="worker and beat in one process (embedded defaults when no Redis/database URL is set)",
     )
-    run.add_argument("--concurrency", type=_positive_int, default=4)
+    run.add_argument("--concurrency", type=positive_int, default=4)
     run.set_defaults(handler=cmd_run)
     demo = sub.add_parser(
         "demo",
@@ -53,13 +54,6 @@ def register(sub: Any) -> None:
 
 PASSTHROUGH = ("worker", "beat", "emulator")
 HELP_FLAGS = ("-h", "--help")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def passthrough(argv: list[str]) -> int | None:
