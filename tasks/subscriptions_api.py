@@ -137,14 +137,16 @@ def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[Sub
     resolved: dict[tuple[int, str], tuple[int | None, str]] = {}
     errors: list[str] = []
     for spec in specs:
-        key = (ids[spec.connection], spec.room or "")
-        if spec.room and spec.event not in ROOM_LIST_EVENTS and key not in resolved:
-            try:
-                resolved[key] = resolve_room(rt, *key)
-            except ValidationError as exc:
-                resolved[key] = (None, spec.room)
-                errors.extend(exc.errors)
-    _refuse(errors)
+        watched = [spec.room] if spec.room and spec.event not in ROOM_LIST_EVENTS else []
+        for room in watched + _target_rooms(spec):  # --to-room is looked up like --room
+            key = (ids[spec.connection], room)
+            if key not in resolved:
+                try:
+                    resolved[key] = resolve_room(rt, *key)
+                except ValidationError as exc:
+                    resolved[key] = (None, room)
+                    errors.extend(exc.errors)
+    _refuse(_unique(errors))
     views = []
     with rt.db.session() as s:
         for spec in specs:
@@ -166,6 +168,12 @@ def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[Sub
             s.flush()
             views.append(SubView.of(row))
     return views
+
+
+def _target_rooms(spec: SubscriptionSpec) -> list[str]:
+    """The room an action target posts to, when it names one."""
+    room = spec.target.get("room") if spec.target_kind == "action" else None
+    return [str(room)] if isinstance(room, str | int) and not isinstance(room, bool) else []
 
 
 def _all_errors(specs: list[SubscriptionSpec]) -> list[str]:

@@ -25,6 +25,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from emulator import EmulatorServer
+from storage import subscriptions as subs
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 from worker.cli import main
@@ -98,3 +99,12 @@ def ops(cli: Cli, server: EmulatorServer) -> EmulatorServer:
 
 def runtime() -> Runtime:
     return Runtime(Settings.from_env())
+
+
+def stored(name: str | None = None) -> list[Any]:
+    with runtime().db.session() as s:
+        return [
+            (r.event, r.room, r.room_id, r.filter, r.target_kind, dict(r.target))
+            for r in subs.list_subscriptions(s)
+            if name is None or r.name == name
+        ]

@@ -18,10 +18,9 @@ from sqlalchemy import Engine, inspect, text
 from sqlalchemy.event import listen, remove
 
 from emulator import EmulatorServer
-from storage import subscriptions as subs
 from storage.db import Database, head_revision
 from storage.vocabulary import OutboxState
-from tests.cli_support import ENV_PREFIX, ROOT, TOKEN, Cli, runtime
+from tests.cli_support import ENV_PREFIX, ROOT, TOKEN, Cli, runtime, stored
 from tests.storage_support import opened, postgres_schema
 from worker import cli_run, schema_check
 
@@ -142,15 +141,6 @@ def test_removing_a_connection_removes_its_subscriptions(cli: Cli, ops: Emulator
 
 
 # -- subscribe ------------------------------------------------------------------------------
-
-
-def stored(name: str | None = None) -> list[Any]:
-    with runtime().db.session() as s:
-        return [
-            (r.event, r.room, r.room_id, r.filter, r.target_kind, dict(r.target))
-            for r in subs.list_subscriptions(s)
-            if name is None or r.name == name
-        ]
 
 
 def test_subscribe_reply_is_factors_ping_pong(cli: Cli, ops: EmulatorServer) -> None:

@@ -30,6 +30,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from storage.errors import HipChatPollerError, InvalidInput, NotFound, ValidationError
 from tasks.settings import LOG_LEVELS, Settings
@@ -48,8 +49,15 @@ from worker import (
 Handler = Callable[[argparse.Namespace], int]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line (and exit 2), not the whole usage text: ``--help`` has that."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hipchat-poller",
         description="Polling triggers and actions for the HipChat REST API v2.",
     )

@@ -12,7 +12,7 @@ from storage.errors import ValidationError
 from storage.vocabulary import Event
 from tasks.client_inputs import COLORS
 from tasks.client_inputs import MESSAGE_FORMATS as FORMATS
-from tasks.subscribe import SubscriptionSpec, name_errors, spec_errors
+from tasks.subscribe import SubscriptionSpec, handler_errors, name_errors, spec_errors
 from tasks.subscriptions_api import create_subscriptions
 from worker.cli_common import connection_id, print_json, runtime
 
@@ -43,8 +43,8 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--secret", help="HMAC secret for --webhook (or $HIPCHAT_POLLER_WEBHOOK_SECRET)")
     s.add_argument("--to-room", help="room the action posts to (default: the event's room)")
-    s.add_argument("--color", default="yellow", help=f"for --notify: {', '.join(COLORS)}")
-    s.add_argument("--format", default="html", choices=FORMATS, help="for --notify")
+    s.add_argument("--color", help=f"for --notify: {', '.join(COLORS)} (default yellow)")
+    s.add_argument("--format", choices=FORMATS, help="for --notify (default html)")
     s.add_argument("--from", dest="from_", metavar="TEMPLATE", help="for --notify: sender label")
     s.add_argument("--alert", action="store_true", help="for --notify: notify the room's users")
     s.set_defaults(handler=cmd_subscribe)
@@ -58,10 +58,41 @@ def register(sub: Any) -> None:
     un.set_defaults(handler=cmd_unsubscribe)
 
 
+# Options that belong to one kind of target: given with another, they would be ignored.
+TARGET_OPTIONS = {
+    "secret": ("--secret", ("webhook",)),
+    "to_room": ("--to-room", ("reply", "notify")),
+    "color": ("--color", ("notify",)),
+    "format": ("--format", ("notify",)),
+    "from_": ("--from", ("notify",)),
+    "alert": ("--alert", ("notify",)),
+}
+
+
+def misplaced_options(args: argparse.Namespace) -> list[str]:
+    """Options given for a target other than the one chosen (refused: silently ignoring
+    ``--color`` without ``--notify`` would surprise)."""
+    chosen = next(
+        (kind for kind in ("webhook", "log", "reply", "notify", "handler_ref")
+         if getattr(args, kind, None) not in (None, False)),
+        None,
+    )  # fmt: skip
+    return [
+        f"{flag} goes with {' or '.join('--' + k for k in kinds)}"
+        for key, (flag, kinds) in TARGET_OPTIONS.items()
+        if getattr(args, key, None) not in (None, False) and chosen not in kinds
+    ]
+
+
 def _target(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if args.webhook:
-        secret = args.secret or os.environ.get("HIPCHAT_POLLER_WEBHOOK_SECRET")
-        return "webhook", {"url": args.webhook, **({"secret": secret} if secret else {})}
+        secret = args.secret
+        if secret is None:  # an empty --secret is refused, never replaced by the variable
+            secret = os.environ.get("HIPCHAT_POLLER_WEBHOOK_SECRET") or None
+        return "webhook", {
+            "url": args.webhook,
+            **({"secret": secret} if secret is not None else {}),
+        }
     if args.log:
         return "log", {}
     if args.handler_ref:
@@ -72,8 +103,8 @@ def _target(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return "action", {
         "action": "send_notification",
         "message": args.notify,
-        "color": args.color,
-        "format": args.format,
+        "color": args.color or "yellow",
+        "format": args.format or "html",
         "notify": args.alert,
         **({"from": args.from_} if args.from_ is not None else {}),
         **room,
@@ -96,7 +127,8 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         for event in args.event
     ]
     # Checked before touching the database: bad input needs no runtime.
-    errors = [e for spec in specs for e in spec_errors(spec) + name_errors(spec.name)]
+    errors = misplaced_options(args) + handler_errors(target)
+    errors += [e for spec in specs for e in spec_errors(spec) + name_errors(spec.name)]
     if errors:
         raise ValidationError("invalid subscription", list(dict.fromkeys(errors)))
     with runtime() as rt:
