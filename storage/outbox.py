@@ -298,9 +298,16 @@ def counts_by_subscription(s: Session) -> dict[int, dict[str, int]]:
     return counts
 
 
-def count_events(s: Session, *, states: Sequence[str], since: datetime | None = None) -> int:
-    """The number of events in ``states`` created at or after ``since``."""
-    query = _filtered(select(func.count()).select_from(OutboxEvent), None, None, states, since)
+def count_events(
+    s: Session,
+    *,
+    states: Sequence[str],
+    since: datetime | None = None,
+    subscription_id: int | None = None,
+) -> int:
+    """The number of events in ``states`` (of one subscription) created at or after ``since``."""
+    query = select(func.count()).select_from(OutboxEvent)
+    query = _filtered(query, None, subscription_id, states, since)
     return int(s.scalar(query) or 0)
 
 

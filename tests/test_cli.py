@@ -31,7 +31,7 @@ def test_connection_add_with_token(cli: Cli, server: EmulatorServer) -> None:
     code, out, _ = cli("connection", "add", "ops", "--base-url", server.base_url, "--token", TOKEN)
 
     assert code == 0
-    assert out == f"connection ops added (id 1, {server.base_url})\n"
+    assert out == f"connection ops added (id 1, {server.base_url}); token checked with HipChat\n"
 
 
 def test_connection_add_from_an_environment_variable(
@@ -289,14 +289,26 @@ def test_subscriptions_as_text(cli: Cli, three_subs: EmulatorServer) -> None:
     code, out, _ = cli("subscriptions")
 
     assert code == 0
-    lines = out.splitlines()
+    header, *lines = out.splitlines()
+    assert header.split() == [
+        "ID",
+        "NAME",
+        "CONNECTION",
+        "EVENT",
+        "ROOM",
+        "FILTER",
+        "TARGET",
+        "STATE",
+    ]
     assert len(lines) == 3
     assert lines[0].split() == [
-        "1", "conn", "1", "room_message", "Factor", "->", "action", "filter='ping", "(.*)'",
+        "1", "-", "ops", "room_message", "Factor", "ping", "(.*)", "reply", "'pong",
+        "{matches[0]}'", "active",
+    ]  # fmt: skip
+    assert lines[1].split()[3:] == [
+        "room_created", "-", "-", "webhook", "https://***@ci.example/hook?***", "(signed)",
         "active",
     ]  # fmt: skip
-    assert "room_created" in lines[1]
-    assert "-> webhook" in lines[1]
     assert not [s for s in SECRETS if s in out]
 
 
@@ -308,7 +320,8 @@ def test_subscriptions_as_json_never_show_a_secret(cli: Cli, three_subs: Emulato
     assert [v["event"] for v in views] == ["room_message", "room_created", "room_enter"]
     assert views[0]["room_id"] == three_subs.state.get_room("Factor")["id"]
     assert views[0]["primed"] is False
-    assert views[1]["target"] == {"url": "https://***@ci.example/hook?***"}
+    assert views[1]["target"] == {"url": "https://***@ci.example/hook?***", "signed": True}
+    assert views[1]["connection"] == {"id": 1, "name": "ops"}
     assert not [s for s in SECRETS if s in out]
 
 

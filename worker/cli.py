@@ -3,7 +3,8 @@
 One module per command group, each with its ``register(subparsers)``::
 
     cli_connections   connection add | list | remove | pause | resume | set-token | test
-    cli_subscriptions subscribe, subscriptions, unsubscribe, subscription update|pause|resume
+    cli_subscriptions subscribe, subscriptions, unsubscribe
+    cli_subscription_edit  subscription update | pause | resume
     cli_events        events, events show, events replay
     cli_actions       users, user, post, notify, add-member
     cli_recipes       apply
@@ -43,6 +44,7 @@ from worker import (
     cli_recipes,
     cli_run,
     cli_status,
+    cli_subscription_edit,
     cli_subscriptions,
 )
 
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     for group in (
         cli_connections,
         cli_subscriptions,
+        cli_subscription_edit,
         cli_events,
         cli_actions,
         cli_recipes,
