@@ -20,10 +20,11 @@ from datetime import UTC, datetime, timedelta
 from storage import outbox
 from storage import subscriptions as subs
 from storage.errors import BucketEmpty, InvalidInput, NeedsAttention, RateLimited, RetryLater
-from storage.vocabulary import SubscriptionState, TargetKind
+from storage.vocabulary import SubscriptionState
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import SubView
 from tasks.targets import deliver
+from tasks.webhook import stop_if_gone
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _drain_locked(rt: Runtime, subscription_id: int, now: datetime | None) -> Dr
             error = f"{type(exc).__name__}: {exc}"
             _dead(rt, event_id, attempts + 1, error, moment, _ms_since(started))
             dead += 1
-            if _stopped_subscription(rt, sub, exc):
+            if stop_if_gone(rt, sub, exc):
                 return DrainResult(delivered, dead)
             continue
         with rt.db.session() as s:
@@ -151,14 +152,3 @@ def _dead(rt: Runtime, event_id: int, attempts: int, error: str, now: datetime, 
 
 def _ms_since(started: float) -> float:
     return (time.monotonic() - started) * 1000
-
-
-def _stopped_subscription(rt: Runtime, sub: SubView, exc: Exception) -> bool:
-    """A webhook that answers 404 or 410 is gone: its subscription goes to ``error`` with the
-    reason (``subscription resume`` clears it) and its later events wait for that."""
-    gone = sub.target_kind == TargetKind.WEBHOOK and getattr(exc, "status", None) in (404, 410)
-    if gone:
-        with rt.db.session() as s:
-            subs.set_subscription_state(s, sub.id, SubscriptionState.ERROR, str(exc))
-        log.error("sub=%s put in error: %s", sub.id, exc)
-    return gone

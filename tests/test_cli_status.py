@@ -13,7 +13,7 @@ import pytest
 from emulator import EmulatorServer
 from storage import outbox
 from storage import subscriptions as subs
-from storage.models import Connection, ConnectionHealth
+from storage.models import Connection, ConnectionHealth, Subscription
 from storage.outbox import NewEvent
 from tasks.settings import Settings
 from tests.cli_support import Cli, runtime
@@ -36,8 +36,20 @@ def health(**values: Any) -> ConnectionHealth:
     return ConnectionHealth(connection_id=1, status=None, failing_since=None, **values)
 
 
-def report_of(conn: Connection, found: ConnectionHealth | None = None, dead: int = 0) -> Any:
-    rows = Rows([conn], {1: found} if found else {}, [], {}, {"dead": dead}, dead)
+def subscription(state: str = "active") -> Subscription:
+    return Subscription(
+        id=7, connection_id=1, event="room_message", room="Dev", room_id=10003, room_name="Dev",
+        target_kind="log", target={}, state=state, state_reason=None, name="dev",
+    )  # fmt: skip
+
+
+def report_of(
+    conn: Connection,
+    found: ConnectionHealth | None = None,
+    dead: int = 0,
+    subscriptions: tuple[Subscription, ...] = (subscription(),),
+) -> Any:
+    rows = Rows([conn], {1: found} if found else {}, list(subscriptions), {}, {"dead": dead}, dead)
     return build_report(rows, SETTINGS, NOW, NOW - timedelta(hours=1))
 
 
@@ -67,6 +79,20 @@ def test_a_poll_lag_over_three_intervals_is_failing(
     assert report.healthy is not failing
     if failing:
         assert report.problems[0].startswith("connection ops: no successful poll for more than 3")
+
+
+def test_a_connection_without_active_subscriptions_does_not_poll_so_it_cannot_lag() -> None:
+    assert report_of(connection(), subscriptions=()).healthy
+    assert report_of(connection(), subscriptions=(subscription("paused"),)).healthy
+
+
+def test_without_a_health_row_the_connections_last_poll_stands_in() -> None:
+    conn = connection()
+    conn.last_poll_at, conn.last_poll_status = NOW - timedelta(seconds=30), "ok: 2 events"
+    report = report_of(conn)
+    assert (report.connections[0].last_ok_at, report.healthy) == (conn.last_poll_at, True)
+    conn.last_poll_status = "0 events; room 10003: HTTP 500"
+    assert report_of(conn).connections[0].last_ok_at is None
 
 
 def test_a_paused_connection_is_not_failing_and_has_no_next_poll() -> None:
@@ -101,7 +127,7 @@ def test_failing_rooms_and_hipchats_budget_are_read_from_the_health_row() -> Non
     assert (budget.capacity, budget.window_seconds, budget.used) == (100, 60.0, None)
     assert (budget.hipchat_remaining, budget.hipchat_reset_at) == (87, NOW + timedelta(seconds=130))
     assert report.problems == [
-        "connection ops: room 10003 failing since 2030-01-01 11:57:30 UTC: NotFound: HTTP 404"
+        "connection ops: room Dev failing since 2030-01-01 11:57:30 UTC: NotFound: HTTP 404"
     ]
 
 

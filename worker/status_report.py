@@ -9,12 +9,15 @@ subscription: its state and its pending and dead events.
 Something is **failing**, and ``status`` exits 1, when:
 
 * a connection is ``auth_failed``;
-* an active connection has a failing room, or has not polled successfully for more than
-  :data:`LAG_INTERVALS` intervals (counted from its creation when it never has);
+* an active connection has a failing room, or, having active subscriptions, has not polled
+  successfully for more than :data:`LAG_INTERVALS` intervals (counted from its creation when
+  it never has);
 * a subscription is in ``error``;
 * events went dead recently (created since ``dead_since``).
 
-Paused connections and subscriptions are not failing: a person paused them.
+Paused connections and subscriptions are not failing: a person paused them. A connection
+without a ``connection_health`` row (polls that do not write it yet) is judged by the last poll
+recorded on the connection: successful when its status starts with ``ok``.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class ConnectionStatus:
     failing_since: datetime | None
     failing_rooms: list[RoomFailure]
     budget: Budget
+    active_subscriptions: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +125,13 @@ def build_report(
     room_names: dict[int, str | None] = {
         s.room_id: s.room_name or s.room for s in rows.subscriptions if s.room_id is not None
     }
+    active: dict[int, int] = {}
+    for sub in rows.subscriptions:
+        if sub.state == SubscriptionState.ACTIVE:
+            active[sub.connection_id] = active.get(sub.connection_id, 0) + 1
     connections = [
-        _connection(c, rows.health.get(c.id), settings, now, room_names) for c in rows.connections
+        _connection(c, rows.health.get(c.id), settings, now, room_names, active.get(c.id, 0))
+        for c in rows.connections
     ]
     subscriptions = [
         _subscription(s, names.get(s.connection_id, str(s.connection_id)), rows.counts.get(s.id))
@@ -163,7 +172,8 @@ def _connection_problems(c: ConnectionStatus, report: StatusReport, interval: fl
         for room in c.failing_rooms
     ]
     last = c.last_ok_at or c.created_at
-    if (report.checked_at - last).total_seconds() > LAG_INTERVALS * interval:
+    lag = (report.checked_at - last).total_seconds()
+    if c.active_subscriptions and lag > LAG_INTERVALS * interval:
         found.append(
             f"connection {c.name}: no successful poll for more than {LAG_INTERVALS} intervals "
             f"(last: {_iso(c.last_ok_at) if c.last_ok_at else 'never'})"
@@ -181,8 +191,13 @@ def _connection(
     settings: Settings,
     now: datetime,
     room_names: Mapping[int, str | None],
+    active_subscriptions: int,
 ) -> ConnectionStatus:
-    last_ok = health.last_ok_at if health else None
+    if health is not None:
+        last_ok = health.last_ok_at
+    else:  # polls that do not write connection_health yet: the connection's last poll
+        ok = (row.last_poll_status or "").startswith("ok")
+        last_ok = row.last_poll_at if ok else None
     interval = settings.poll_interval_seconds
     offset = row.poll_offset_seconds % interval
     due = next_start(interval_index(now.timestamp(), interval, offset), interval, offset)
@@ -201,6 +216,7 @@ def _connection(
         failing_since=health.failing_since if health else None,
         failing_rooms=_failing_rooms(health.rooms if health else {}, room_names),
         budget=_budget(settings, health.ratelimit if health else {}),
+        active_subscriptions=active_subscriptions,
     )
 
 
