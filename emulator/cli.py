@@ -1,6 +1,8 @@
 """``python -m emulator`` / ``python -m emulator.cli``: serve the emulator until SIGINT or
 SIGTERM, after printing its base URL and the seeded users and rooms (a token passed with
-``--token`` is never printed)."""
+``--token`` is never printed). ``--room NAME`` adds rooms to the seed (the README's example
+uses ``--room Factor``). A port out of range, or one that is taken, is a one-line error and
+exit 2."""
 
 from __future__ import annotations
 
@@ -9,16 +11,22 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import NoReturn
 
 from emulator.server import EmulatorServer
 
 DEFAULT_TOKEN = "admin-token"  # noqa: S105 (the emulator's well-known default)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not the whole usage
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hipchat-emulator", description=__doc__)
+    parser = _Parser(prog="hipchat-poller emulator", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    parser.add_argument("--port", type=_port, default=8080, help="0 picks a free port")
     parser.add_argument(
         "--token", help=f"the admin user's token (default {DEFAULT_TOKEN!r}); never printed"
     )
@@ -28,11 +36,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--flood-window-seconds", type=float, default=60.0)
     parser.add_argument("--case-insensitive-rooms", action="store_true")
     parser.add_argument("--no-seed", action="store_true", help="only the admin user")
+    parser.add_argument(
+        "--room", action="append", default=[], metavar="NAME", help="add a public room (repeat)"
+    )
     return parser
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number within 0..65535, not {text!r}")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or bad usage (2), already printed by argparse
+        return exc.code if isinstance(exc.code, int) else 2
     server = EmulatorServer(
         args.host,
         args.port,
@@ -51,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.start()
+        try:
+            server.start()
+        except OSError as exc:  # taken, not ours to take, or no such address
+            reason = exc.strerror or str(exc)
+            print(f"error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+            return 2
+        for name in args.room:
+            server.state.create_room(name)
         print(f"HipChat API v2 emulator at {server.base_url}/v2/", flush=True)
         # A token a person chose is a secret like any other: it is never printed.
         given = "the one given with --token" if args.token else f"{DEFAULT_TOKEN} (the default)"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
@@ -171,13 +170,6 @@ def update_connection(
             connection.state, connection.state_reason = "active", None
     s.flush()
     return connection
-
-
-def record_poll(s: Session, conn_id: int, at: datetime, status: str) -> None:
-    connection = require_connection(s, conn_id)
-    connection.last_poll_at = at
-    connection.last_poll_status = status[:MAX_REASON_LENGTH]
-    s.flush()
 
 
 def due_connections(s: Session) -> list[Connection]:

@@ -30,7 +30,6 @@ class Health:
     status: str | None = None
     failing_since: datetime | None = None
     rooms: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ratelimit: dict[str, Any] = field(default_factory=dict)
     behind: list[str] = field(default_factory=list)
 
     @classmethod
@@ -44,7 +43,6 @@ class Health:
             status=row.status,
             failing_since=row.failing_since,
             rooms=dict(row.rooms or {}),
-            ratelimit=dict(row.ratelimit or {}),
             behind=list(row.behind or []),
         )
 
@@ -81,7 +79,6 @@ def save_health(s: Session, records: Sequence[Health]) -> None:
             "status": r.status,
             "failing_since": r.failing_since,
             "rooms": r.rooms,
-            "ratelimit": r.ratelimit,
             "behind": r.behind,
         }
         for r in latest.values()

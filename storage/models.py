@@ -133,8 +133,6 @@ class Connection(Base):
     # Seconds into each poll interval at which this connection polls, derived from the
     # name so that connections spread over the interval and keep their slot across restarts.
     poll_offset_seconds: Mapped[float] = mapped_column(Float, default=0.0)
-    last_poll_at: Mapped[datetime | None]
-    last_poll_status: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -202,9 +200,8 @@ class ConnectionHealth(Base):
     """How a connection's polls are going, written by the polls in batches (status reads it).
 
     ``rooms`` maps a room id (as text) to ``{"error", "since", "attempts", "retry_at"}`` for
-    each room failing on its own; ``ratelimit`` holds HipChat's last ``remaining`` and
-    ``reset_at``. Kept apart from ``connections`` so that health writes never look like
-    configuration changes (beat refreshes connections by ``updated_at``)."""
+    each room failing on its own. Kept apart from ``connections`` so that health writes never
+    look like configuration changes (beat refreshes connections by ``updated_at``)."""
 
     __tablename__ = "connection_health"
 
@@ -216,7 +213,6 @@ class ConnectionHealth(Base):
     status: Mapped[str | None] = mapped_column(Text)
     failing_since: Mapped[datetime | None]
     rooms: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)
-    ratelimit: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)
     # The streams the last poll did not reach ("history:10001", ...): read first next time.
     behind: Mapped[list[str] | None] = mapped_column(JSON)
 

@@ -11,6 +11,11 @@ Life of an event::
 A poll writes events with :func:`add_events` in the transaction that advances the
 watermark, so both persist or neither does. Every event carries an idempotency key; a key
 already stored is skipped, so a crashed and repeated poll cannot create a second event.
+
+Every delivery attempt is appended to the event's ``attempt_log`` (the newest
+:data:`MAX_ATTEMPT_LOG` entries): ``{"at", "outcome" or "error", "ms"}``, plus a
+``{"at", "replayed": true}`` entry when a person re-queued it (:func:`replay`). Closed
+events (delivered, dead) are deleted by :func:`purge_closed` after the retention time.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from storage.models import OutboxEvent, utcnow
 from storage.vocabulary import OPEN_OUTBOX_STATES, Event, OutboxState, is_one_of
 
 MAX_TEXT_LENGTH = 2000  # of last_error and outcome
+MAX_ATTEMPT_LOG = 20  # entries kept in attempt_log, the newest
+CLOSED_OUTBOX_STATES = (OutboxState.DELIVERED, OutboxState.DEAD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +139,27 @@ def next_for_subscription(
     return event
 
 
-def mark_delivered(s: Session, event_id: int, at: datetime, outcome: str | None = None) -> bool:
-    """Close an open event as delivered; False if it was already closed or does not exist."""
+def mark_delivered(
+    s: Session,
+    event_id: int,
+    at: datetime,
+    outcome: str | None = None,
+    *,
+    duration_ms: float | None = None,
+) -> bool:
+    """Close an open event as delivered; False if it was already closed or does not exist.
+    The attempt is appended to the attempt log (``attempts`` counts the failed ones only)."""
+    text = outcome[:MAX_TEXT_LENGTH] if outcome else None
     return _close(
         s,
         event_id,
+        {"outcome": text or "delivered"},
+        at,
+        duration_ms,
         state="delivered",
         delivered_at=at,
         next_attempt_at=None,
-        outcome=outcome[:MAX_TEXT_LENGTH] if outcome else None,
+        outcome=text,
     )
 
 
@@ -152,11 +171,15 @@ def mark_failed(
     dead: bool,
     *,
     attempts: int | None = None,
+    at: datetime | None = None,
+    duration_ms: float | None = None,
 ) -> bool:
     """Record a failed attempt: retry at ``next_attempt_at``, or give up if ``dead``.
 
     ``attempts`` sets the count (a caller that does not count every failure, a 429 say,
-    keeps its own); without it the stored count goes up by one. False if already closed.
+    keeps its own); without it the stored count goes up by one. The attempt (``error``,
+    made ``at`` and lasting ``duration_ms``) is appended to the attempt log. False if
+    already closed.
     """
     values: dict[str, Any] = {
         "last_error": error[:MAX_TEXT_LENGTH],
@@ -165,7 +188,8 @@ def mark_failed(
     }
     if dead:
         values["state"] = "dead"
-    return _close(s, event_id, **values)
+    entry = {"error": error[:MAX_TEXT_LENGTH]}
+    return _close(s, event_id, entry, at or utcnow(), duration_ms, **values)
 
 
 def delivered_since(s: Session, after_id: int = 0, limit: int = 100) -> list[OutboxEvent]:
@@ -214,6 +238,97 @@ def undispatched(
     return list(s.scalars(query))
 
 
+def list_events(
+    s: Session,
+    *,
+    connection_id: int | None = None,
+    subscription_id: int | None = None,
+    states: Sequence[str] = (),
+    since: datetime | None = None,
+    limit: int = 50,
+) -> list[OutboxEvent]:
+    """Recent events, newest first, filtered by any of the arguments given."""
+    query = _filtered(select(OutboxEvent), connection_id, subscription_id, states, since).order_by(
+        OutboxEvent.id.desc()
+    )
+    return list(s.scalars(query.limit(limit)))
+
+
+def closed_events(
+    s: Session,
+    *,
+    ids: Sequence[int] = (),
+    subscription_id: int | None = None,
+    states: Sequence[str] = (OutboxState.DEAD,),
+    since: datetime | None = None,
+) -> list[OutboxEvent]:
+    """The events in ``states`` (dead by default) among ``ids`` (all when empty), oldest first."""
+    query = _filtered(select(OutboxEvent), None, subscription_id, states, since)
+    if ids:
+        query = query.where(OutboxEvent.id.in_(list(ids)))
+    return list(s.scalars(query.order_by(OutboxEvent.id)))
+
+
+def replay(s: Session, events: Iterable[OutboxEvent], at: datetime) -> list[int]:
+    """Re-queue closed events under their idempotency keys: pending again with a fresh count
+    of attempts, no retry time, their attempt log kept (with a ``replayed`` entry). The relay
+    hands pending events over to a drain (or the caller sends one). Returns the ids re-queued;
+    an event already open again is left alone."""
+    done = []
+    for event in events:
+        if event.state not in CLOSED_OUTBOX_STATES:
+            continue
+        event.state, event.attempts = OutboxState.PENDING.value, 0
+        event.next_attempt_at = event.dispatched_at = event.delivered_at = None
+        event.last_error = event.outcome = None
+        event.attempt_log = _appended(event.attempt_log, {"at": at.isoformat(), "replayed": True})
+        done.append(event.id)
+    s.flush()
+    return done
+
+
+def counts_by_subscription(s: Session) -> dict[int, dict[str, int]]:
+    """Per subscription, its number of events in each state (only states it has)."""
+    query = select(OutboxEvent.subscription_id, OutboxEvent.state, func.count()).group_by(
+        OutboxEvent.subscription_id, OutboxEvent.state
+    )
+    counts: dict[int, dict[str, int]] = {}
+    for sub_id, state, count in s.execute(query):
+        counts.setdefault(int(sub_id), {})[str(state)] = int(count)
+    return counts
+
+
+def count_events(
+    s: Session,
+    *,
+    states: Sequence[str],
+    since: datetime | None = None,
+    subscription_id: int | None = None,
+) -> int:
+    """The number of events in ``states`` (of one subscription) created at or after ``since``."""
+    query = select(func.count()).select_from(OutboxEvent)
+    query = _filtered(query, None, subscription_id, states, since)
+    return int(s.scalar(query) or 0)
+
+
+def _filtered(
+    query: Any,
+    connection_id: int | None,
+    subscription_id: int | None,
+    states: Sequence[str],
+    since: datetime | None,
+) -> Any:
+    if connection_id is not None:
+        query = query.where(OutboxEvent.connection_id == connection_id)
+    if subscription_id is not None:
+        query = query.where(OutboxEvent.subscription_id == subscription_id)
+    if states:
+        query = query.where(OutboxEvent.state.in_(list(states)))
+    if since is not None:
+        query = query.where(OutboxEvent.created_at >= since)
+    return query
+
+
 def stats(s: Session) -> dict[str, int]:
     """The number of events in each state, every state present."""
     counts = {state.value: 0 for state in OutboxState}
@@ -238,14 +353,35 @@ def purge_closed(s: Session, older_than: datetime) -> int:
     return int(getattr(result, "rowcount", 0))
 
 
-def _close(s: Session, event_id: int, **values: Any) -> bool:
+def _close(
+    s: Session,
+    event_id: int,
+    entry: dict[str, Any],
+    at: datetime,
+    duration_ms: float | None,
+    **values: Any,
+) -> bool:
+    """Update an open event with ``values`` and append one attempt to its log, in one
+    statement guarded by the state (the log is read first; a drain holds its subscription's
+    lock, so nobody else appends to this event meanwhile)."""
+    log = s.scalar(select(OutboxEvent.attempt_log).where(OutboxEvent.id == event_id))
+    attempt = {"at": at.isoformat(), **entry, "ms": _ms(duration_ms)}
     result = s.execute(
         update(OutboxEvent)
         .where(OutboxEvent.id == event_id, OutboxEvent.state.in_(OPEN_OUTBOX_STATES))
-        .values(**values)
+        .values(**values, attempt_log=_appended(log, attempt))
         .execution_options(synchronize_session="fetch")
     )
     return int(getattr(result, "rowcount", 0)) > 0
+
+
+def _ms(duration_ms: float | None) -> int | None:
+    return None if duration_ms is None else max(0, round(duration_ms))
+
+
+def _appended(log: list[dict[str, Any]] | None, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """A new list (never the stored one mutated: the ORM would not see the change)."""
+    return [*(log or []), entry][-MAX_ATTEMPT_LOG:]
 
 
 def _by_ids(s: Session, ids: list[int]) -> list[OutboxEvent]:

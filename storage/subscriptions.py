@@ -114,6 +114,32 @@ def add_subscription(
     return subscription
 
 
+def update_subscription(
+    s: Session,
+    sub_id: int,
+    *,
+    filter: str | None,  # shadows the builtin: it is the column's name
+    target_kind: str,
+    target: dict[str, Any],
+    name: str | None,
+) -> Subscription:
+    """Change what a subscription does with its events, in place: its event, room, watermark
+    and priming stay (they say where it has got to), so nothing is skipped or fired twice."""
+    subscription = _require(s, sub_id)
+    errors = subscription_errors(
+        subscription.event, subscription.room, target_kind, target, subscription.backfill
+    )
+    errors += name_errors(name)
+    if errors:
+        raise ValidationError("bad subscription: " + "; ".join(errors), errors)
+    subscription.filter, subscription.target_kind = filter, target_kind
+    subscription.target, subscription.name = dict(target), name
+    duplicate = f"this connection already has a subscription named {name!r}"
+    with translated(duplicate), s.begin_nested():
+        s.flush()
+    return subscription
+
+
 def get_subscription(s: Session, sub_id: int) -> Subscription | None:
     return s.get(Subscription, sub_id)
 

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from string import Template
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import redis
 from redis.exceptions import NoScriptError
@@ -157,6 +157,8 @@ class SlidingLogBudget:
             grace=microseconds(GRACE_SECONDS),
         )
         self._take = backend.prepare(self.limits)
+        # HipChat's reset last recorded per connection through this budget (see Gate).
+        self.recorded: dict[int, float] = {}
 
     def take(self, connection_id: int, n: int = 1) -> Grant:
         """Take ``n`` calls if all of them fit now, else none."""
@@ -249,9 +251,6 @@ class Gate:
     recorded, so a call costs one budget round trip, not two. A 429 is always recorded.
     """
 
-    # The reset last recorded per connection, by this process.
-    _recorded: ClassVar[dict[int, float]] = {}
-
     def __init__(self, budget: SlidingLogBudget, connection_id: int, prepaid: int = 0) -> None:
         self.budget = budget
         self.connection_id = connection_id
@@ -267,13 +266,13 @@ class Gate:
         if info.remaining is None or info.reset_at is None:
             return
         low = info.remaining < max(1, self.budget.capacity // 4)
-        last = self._recorded.get(self.connection_id)
+        last = self.budget.recorded.get(self.connection_id)
         # A reset given in seconds moves with the clock: a second's drift is the same window.
         if low or last is None or abs(last - info.reset_at) > 1.0:
             self.budget.observe(
                 self.connection_id, remaining=info.remaining, reset_at=info.reset_at
             )
-            self._recorded[self.connection_id] = info.reset_at
+            self.budget.recorded[self.connection_id] = info.reset_at
 
     def refused(self, reset_at: float) -> None:
         self.budget.observe_429(self.connection_id, reset_at=reset_at)

@@ -5,6 +5,7 @@ Task arguments carry ids and names only, never a token or a secret.
 * ``hipchat.poll_connection(connection_id, interval_index)`` (queue ``hipchat.polls``);
   its retries add ``done`` (the streams already read in this interval)
 * ``hipchat.relay_outbox()`` (queue ``hipchat.polls``)
+* ``hipchat.purge_outbox()`` (queue ``hipchat.polls``): closed events past their retention
 * ``hipchat.deliver(subscription_id)`` (queue ``hipchat.actions``)
 * ``hipchat.action.<name>(connection, ...)`` (queue ``hipchat.actions``): the actions of
   the seeds, callable by name with ``send_task``.
@@ -26,6 +27,7 @@ from storage.errors import BucketEmpty, RateLimited, RetryLater, TransportError
 from tasks.actions import Actions
 from tasks.delivery import backoff_seconds, drain
 from tasks.poll import PollResult, poll_connection
+from tasks.purge import purge_outbox
 from tasks.relay import dispatch, relay
 from tasks.runtime import Runtime
 from tasks.settings import Settings
@@ -256,6 +258,13 @@ def add_member_task(
     self: Task, connection: int | str, room: int | str, user: int | str
 ) -> dict[str, Any]:
     return _retrying(self, lambda api: api.add_member(room, user), connection)
+
+
+@shared_task(bind=True, name="hipchat.purge_outbox", acks_late=True, ignore_result=True)
+def purge_outbox_task(self: Task) -> str:
+    """Delete delivered and dead events older than ``OUTBOX_RETENTION_DAYS``."""
+    count = purge_outbox(Runtime.of(self.app), datetime.now(UTC))
+    return f"purged {count} events"
 
 
 ACTION_TASKS = tuple(

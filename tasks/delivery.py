@@ -27,9 +27,11 @@ from datetime import UTC, datetime, timedelta
 from storage import outbox
 from storage import subscriptions as subs
 from storage.errors import BucketEmpty, InvalidInput, NeedsAttention, RateLimited, RetryLater
+from storage.vocabulary import SubscriptionState
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import SubView
 from tasks.targets import deliver
+from tasks.webhook import stop_if_gone
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ def _drain_locked(
     delivered = dead = 0
     with rt.db.session() as s:
         row = subs.get_subscription(s, subscription_id)
-        if row is None:
+        if row is None or row.state == SubscriptionState.ERROR:  # error: a person must act
             return DrainResult()
         sub = SubView.of(row)
     deadline = time.monotonic() + MAX_DRAIN_SECONDS
@@ -104,20 +106,24 @@ def _drain_locked(
                 )
             event_id, payload, attempts = event.id, dict(event.payload), event.attempts
         held, reservation = reservation, None  # the head event's, used or not
+        started = time.monotonic()
         try:
             outcome = deliver(rt, sub, payload, reservation=held)
         except RetryLater as exc:
-            wait = _failed(rt, event_id, attempts + 1, exc, moment)
+            wait = _failed(rt, event_id, attempts + 1, exc, moment, _ms_since(started))
             if wait is None:
                 dead += 1
                 continue
             return DrainResult(delivered, dead, wait, reservation=getattr(exc, "reservation", None))
         except (InvalidInput, NeedsAttention) as exc:
-            _dead(rt, event_id, attempts + 1, f"{type(exc).__name__}: {exc}", moment)
+            error = f"{type(exc).__name__}: {exc}"
+            _dead(rt, event_id, attempts + 1, error, moment, _ms_since(started))
             dead += 1
+            if stop_if_gone(rt, sub, exc):
+                return DrainResult(delivered, dead)
             continue
         with rt.db.session() as s:
-            outbox.mark_delivered(s, event_id, moment, outcome)
+            outbox.mark_delivered(s, event_id, moment, outcome, duration_ms=_ms_since(started))
         log.info("delivered event=%s sub=%s %s: %s", event_id, sub.id, sub.event, outcome)
         delivered += 1
     # Out of events or time for this drain, not out of work: the caller drains again now.
@@ -125,7 +131,7 @@ def _drain_locked(
 
 
 def _failed(
-    rt: Runtime, event_id: int, attempts: int, exc: RetryLater, now: datetime
+    rt: Runtime, event_id: int, attempts: int, exc: RetryLater, now: datetime, ms: float
 ) -> float | None:
     """Record a failed attempt; the wait before the next one, or None if it is now dead.
 
@@ -136,7 +142,7 @@ def _failed(
         attempts -= 1
         wait = exc.retry_after
     elif attempts >= rt.settings.webhook_max_attempts:
-        _dead(rt, event_id, attempts, f"{type(exc).__name__}: {exc}", now)
+        _dead(rt, event_id, attempts, f"{type(exc).__name__}: {exc}", now, ms)
         return None
     else:
         wait = max(
@@ -155,12 +161,20 @@ def _failed(
             now + timedelta(seconds=wait),
             dead=False,
             attempts=attempts,
+            at=now,
+            duration_ms=ms,
         )
     log.warning("event=%s attempt %d failed (%s); next in %.1fs", event_id, attempts, exc, wait)
     return wait
 
 
-def _dead(rt: Runtime, event_id: int, attempts: int, error: str, now: datetime) -> None:
+def _dead(rt: Runtime, event_id: int, attempts: int, error: str, now: datetime, ms: float) -> None:
     with rt.db.session() as s:
-        outbox.mark_failed(s, event_id, error, None, dead=True, attempts=attempts)
+        outbox.mark_failed(
+            s, event_id, error, None, dead=True, attempts=attempts, at=now, duration_ms=ms
+        )
     log.error("event=%s dead after %d attempt(s): %s", event_id, attempts, error)
+
+
+def _ms_since(started: float) -> float:
+    return (time.monotonic() - started) * 1000

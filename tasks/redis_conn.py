@@ -47,6 +47,7 @@ UNAVAILABLE: tuple[type[redis.RedisError], ...] = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ClusterDownError,
     redis.exceptions.TryAgainError,
+    redis.exceptions.InvalidResponse,  # what answered at that address does not speak Redis
 )
 
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")

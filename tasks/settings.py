@@ -7,15 +7,23 @@ both the Celery tasks and the command line need it. Build it once with
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from storage.errors import ValidationError
 
 PREFIX = "HIPCHAT_POLLER_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+HIPCHAT_CALLS = 100  # HipChat's own limit: calls per token ...
+HIPCHAT_WINDOW = 60.0  # ... in this many seconds
+MAX_INTERVAL_SECONDS = 86_400.0  # a poll, relay or retry wait of a day is already a mistake
+DATABASES = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _default_data_dir() -> str:
@@ -44,6 +52,7 @@ class Settings:
     # interval + min age (its lock frees in 10 s): every pending event arrives within 30 s.
     relay_interval_seconds: float = 10.0
     relay_min_age_seconds: float = 15.0
+    outbox_retention_days: float = 7.0  # delivered and dead events are purged after this
 
     http_connect_timeout_seconds: float = 5.0
     http_read_timeout_seconds: float = 30.0
@@ -63,23 +72,29 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read, parse and validate the settings; a :class:`ValidationError` lists every
+        problem (and names the variables, never their values when they may hold a secret)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         errors: list[str] = []
         for f in fields(cls):
-            raw = env.get(PREFIX + f.name.upper())
+            name = PREFIX + f.name.upper()
+            raw = env.get(name)
             if raw is None or raw == "":
                 continue
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
             try:
+                raw.encode("utf-8")
                 if kind.startswith("float"):
                     values[f.name] = float(raw)
                 elif kind.startswith("int"):
                     values[f.name] = int(raw)
                 else:
                     values[f.name] = raw
+            except UnicodeEncodeError:
+                errors.append(f"{name} is not valid UTF-8 text")
             except ValueError:
-                errors.append(f"{PREFIX}{f.name.upper()}: expected a number, got {raw!r}")
+                errors.append(f"{name}: expected a number, got {raw!r}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         if errors:
             raise ValidationError("bad settings: " + "; ".join(errors), errors)
@@ -88,21 +103,27 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        errors = []
-        if self.poll_interval_seconds <= 0:
-            errors.append("poll_interval_seconds must be > 0")
-        if self.bucket_capacity < 1:
-            errors.append("bucket_capacity must be >= 1")
-        if self.bucket_window_seconds <= 0:
-            errors.append("bucket_window_seconds must be > 0")
-        if self.bucket_margin_seconds < 0:
-            errors.append("bucket_margin_seconds must be >= 0")
-        if not 1 <= self.history_page_size <= 1000:
-            errors.append("history_page_size must be within 1..1000")
-        if self.webhook_max_attempts < 1 or self.action_max_attempts < 1:
-            errors.append("max attempts must be >= 1")
+        """Every number finite and within its range, URLs of a kind this code can use."""
+        errors = [
+            f"{PREFIX}{name.upper()} must be {rule} (got {getattr(self, name)!r})"
+            for name, ok, rule in _RULES
+            if not _finite(getattr(self, name)) or not ok(self)
+        ]
+        errors += _url_errors(self)
+        if self.log_level.upper() not in LOG_LEVELS:
+            errors.append(f"{PREFIX}LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
         if errors:
             raise ValidationError("bad settings: " + "; ".join(errors), errors)
+
+    def warnings(self) -> list[str]:
+        """Settings that work but that HipChat will punish; for a person to read at start."""
+        if self.bucket_capacity > HIPCHAT_CALLS or self.bucket_window_seconds < HIPCHAT_WINDOW:
+            return [
+                f"{PREFIX}BUCKET_CAPACITY={self.bucket_capacity} per "
+                f"{PREFIX}BUCKET_WINDOW_SECONDS={self.bucket_window_seconds:g} allows more than "
+                f"HipChat's {HIPCHAT_CALLS} calls per {HIPCHAT_WINDOW:g} s: expect 429s"
+            ]
+        return []
 
     @property
     def embedded(self) -> bool:
@@ -117,3 +138,78 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+
+def _finite(value: object) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _seconds(name: str) -> tuple[str, Callable[[Settings], bool], str]:
+    def ok(settings: Settings) -> bool:
+        return 0 < float(getattr(settings, name)) <= MAX_INTERVAL_SECONDS
+
+    return name, ok, f"a number of seconds above 0 and at most {MAX_INTERVAL_SECONDS:g}"
+
+
+# (field, its rule, the rule in words). Every float must also be finite (no nan, no inf).
+_RULES: tuple[tuple[str, Callable[[Settings], bool], str], ...] = (
+    _seconds("poll_interval_seconds"),
+    ("bucket_capacity", lambda s: s.bucket_capacity >= 1, "at least 1"),
+    _seconds("bucket_window_seconds"),
+    (
+        "bucket_margin_seconds",
+        lambda s: 0 <= s.bucket_margin_seconds <= MAX_INTERVAL_SECONDS,
+        f"a number of seconds within 0..{MAX_INTERVAL_SECONDS:g}",
+    ),
+    _seconds("relay_interval_seconds"),
+    (
+        "relay_min_age_seconds",
+        lambda s: 0 <= s.relay_min_age_seconds <= MAX_INTERVAL_SECONDS,
+        f"a number of seconds within 0..{MAX_INTERVAL_SECONDS:g}",
+    ),
+    ("outbox_retention_days", lambda s: s.outbox_retention_days > 0, "a number of days > 0"),
+    _seconds("http_connect_timeout_seconds"),
+    _seconds("http_read_timeout_seconds"),
+    ("history_page_size", lambda s: 1 <= s.history_page_size <= 1000, "within 1..1000"),
+    _seconds("webhook_timeout_seconds"),
+    ("webhook_max_attempts", lambda s: s.webhook_max_attempts >= 1, "at least 1"),
+    _seconds("webhook_backoff_base_seconds"),
+    (
+        "webhook_backoff_max_seconds",
+        lambda s: s.webhook_backoff_base_seconds <= s.webhook_backoff_max_seconds,
+        "at least WEBHOOK_BACKOFF_BASE_SECONDS",
+    ),
+    ("action_max_attempts", lambda s: s.action_max_attempts >= 1, "at least 1"),
+    (
+        "broker_visibility_timeout_seconds",
+        lambda s: s.broker_visibility_timeout_seconds > 0,
+        "a number of seconds above 0",
+    ),
+)
+
+
+def _scheme(url: str) -> str | None:
+    """The scheme of ``url`` (``postgresql+psycopg``), or None when it is not a URL."""
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        return None
+    return scheme.lower() if scheme and "://" in url else None
+
+
+def _url_errors(settings: Settings) -> list[str]:
+    """URLs may hold passwords: a message names the variable and the scheme, never the URL."""
+    errors = []
+    if settings.database_url is not None:
+        scheme = _scheme(settings.database_url)
+        if scheme is None:
+            errors.append(f"{PREFIX}DATABASE_URL is not a URL; use {DATABASES}")
+        elif scheme in ("postgresql", "postgres", "postgresql+psycopg2"):
+            errors.append(f"{PREFIX}DATABASE_URL: write postgresql+psycopg:// (psycopg 3)")
+        elif scheme not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
+            errors.append(f"{PREFIX}DATABASE_URL: {scheme} is not supported; use {DATABASES}")
+    if settings.redis_url is not None and _scheme(settings.redis_url) not in REDIS_SCHEMES:
+        errors.append(f"{PREFIX}REDIS_URL must be redis://HOST:PORT/DB (or rediss://, unix://)")
+    if settings.broker_url is not None and _scheme(settings.broker_url) is None:
+        errors.append(f"{PREFIX}BROKER_URL must be a URL such as redis://HOST:PORT/DB")
+    return errors

@@ -6,13 +6,20 @@ time engine), the downstream target and its templates. Every problem is reported
 
 Templates are checked against the event they will be rendered with: a field must start with
 one of the event's top-level keys (:data:`EVENT_FIELDS`), no step may name a private
-attribute (``{item.__class__}``), and ``{matches[n]}`` needs a filter with ``n + 1`` groups.
-A template that passes can still miss a key of one particular item at render time; that is
-recorded on the event, never sent as a wrong message.
+attribute (``{item.__class__}``), ``{matches[n]}`` needs a filter with ``n + 1`` groups, and
+the whole path must exist in the event's payload schema (:mod:`tasks.event_schema`), so
+``{item.mesage.message}``, or ``{item.message.message}`` on ``room_enter``, is refused. A
+template that passes can still miss an optional key of one particular item at render time
+(``item.file.thumb_url`` of a file that is no image); that is recorded on the event, never
+sent as a wrong message.
+
+A handler target names an importable function (:func:`handler_errors` imports it: a check
+the command line runs, not ``@on``, whose function does not exist yet when it is checked).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,10 +37,18 @@ from tasks.client_inputs import (
     normalise_color,
     notification_errors,
 )
+from tasks.event_schema import field_problem
 from tasks.filters import compile_filter
 from tasks.templates import Template, compile_template
 
-__all__ = ["SubscriptionSpec", "name_errors", "spec_errors", "target_errors", "validate_spec"]
+__all__ = [
+    "SubscriptionSpec",
+    "handler_errors",
+    "name_errors",
+    "spec_errors",
+    "target_errors",
+    "validate_spec",
+]
 
 # The top-level keys of every event payload (tasks.events); a template starts with one.
 EVENT_FIELDS = (
@@ -89,7 +104,8 @@ def spec_errors(spec: SubscriptionSpec) -> list[str]:
         errors.extend(filter_errors)
         groups = None if filter_errors else _group_count(spec.filter)
     if is_one_of(TargetKind, spec.target_kind):
-        errors.extend(target_errors(spec.target_kind, spec.target, groups=groups))
+        event = spec.event if is_one_of(Event, spec.event) else None
+        errors.extend(target_errors(spec.target_kind, spec.target, groups=groups, event=event))
     return errors
 
 
@@ -100,16 +116,19 @@ def _group_count(pattern: str) -> int | None:
         return None
 
 
-def target_errors(kind: str, target: Any, *, groups: int | None = None) -> list[str]:
+def target_errors(
+    kind: str, target: Any, *, groups: int | None = None, event: str | None = None
+) -> list[str]:
     """Problems with the fields of a target of a known ``kind`` (the kind and the target's
     JSON shape are :func:`storage.subscriptions.subscription_errors`' rules). ``groups``: the
-    filter's capture groups (``None``: unknown, so ``{matches[n]}`` is not checked)."""
+    filter's capture groups (``None``: unknown, so ``{matches[n]}`` is not checked);
+    ``event``: the event the templates render (``None``: only the top-level keys are checked)."""
     if not isinstance(target, dict):
         return []  # reported by subscription_errors
     if kind == TargetKind.WEBHOOK:
         return _webhook_errors(target)
     if kind == TargetKind.ACTION:
-        return _action_errors(target, groups)
+        return _action_errors(target, groups, event)
     if kind == TargetKind.HANDLER:
         handler = target.get("handler")
         module, _, function = handler.partition(":") if isinstance(handler, str) else ("", "", "")
@@ -133,10 +152,13 @@ def _webhook_errors(target: dict[str, Any]) -> list[str]:
         return ["webhook url must be http(s)://host/..."]
     if any(c.isspace() or ord(c) < 32 for c in url):
         return ["webhook url must not contain spaces or control characters"]
+    secret = target.get("secret")
+    if secret is not None and (not isinstance(secret, str) or not secret.strip()):
+        return ["a webhook secret must not be empty (leave it out for unsigned deliveries)"]
     return []
 
 
-def _action_errors(target: dict[str, Any], groups: int | None) -> list[str]:
+def _action_errors(target: dict[str, Any], groups: int | None, event: str | None) -> list[str]:
     action = target.get("action")
     if action not in ACTION_TEMPLATES:
         return [f"action must be one of {', '.join(ACTION_TEMPLATES)}, not {action!r}"]
@@ -151,7 +173,8 @@ def _action_errors(target: dict[str, Any], groups: int | None) -> list[str]:
             errors.append(f"{key} template must be text")
             continue
         limit = TEMPLATE_LIMITS[(action, key)]
-        errors.extend(f"{key} template: {e}" for e in _template_errors(value, limit, groups))
+        problems = _template_errors(value, limit, groups, event)
+        errors.extend(f"{key} template: {e}" for e in problems)
     if action == "send_notification":
         errors.extend(
             notification_errors(
@@ -175,12 +198,14 @@ def _room_ref_ok(room: object) -> bool:
     return isinstance(room, str) and 1 <= len(room.strip()) <= MAX_ROOM_CHARS
 
 
-def _template_errors(text: str, limit: int, groups: int | None) -> list[str]:
+def _template_errors(text: str, limit: int, groups: int | None, event: str | None) -> list[str]:
     try:
         template = compile_template(text)
     except ValidationError as exc:
         return list(exc.errors)
-    errors = [_field_error(part, groups) for part in template.parts if not isinstance(part, str)]
+    errors = [
+        _field_error(part, groups, event) for part in template.parts if not isinstance(part, str)
+    ]
     literal = _literal_chars(template)
     if literal > limit:
         errors.append(f"its fixed text alone is {literal} characters; the limit is {limit}")
@@ -191,7 +216,7 @@ def _literal_chars(template: Template) -> int:
     return sum(len(part) for part in template.parts if isinstance(part, str))
 
 
-def _field_error(part: Any, groups: int | None) -> str | None:
+def _field_error(part: Any, groups: int | None, event: str | None) -> str | None:
     """What is wrong with one ``{field}`` of a compiled template, or None."""
     steps = [step.key for step in part.steps]
     where = f"field {part.text} at position {part.position}"
@@ -204,7 +229,29 @@ def _field_error(part: Any, groups: int | None) -> str | None:
     if index.isdigit() and groups is not None and int(index) >= groups:
         have = f"{groups} group(s)" if groups else "no groups (or no filter)"
         return f"{where}: the filter has {have}, so matches[{index}] never exists"
-    return None
+    missing = field_problem(event, [(s.key, s.bracketed) for s in part.steps]) if event else None
+    return f"{where}: in a {event} event, {missing}" if missing else None
+
+
+def handler_errors(target: Any) -> list[str]:
+    """Can the worker import the handler ``module:function``? It imports the module now (a
+    handlers module registers its ``@on`` handlers when imported, nothing more)."""
+    ref = target.get("handler") if isinstance(target, dict) else None
+    if not isinstance(ref, str) or ":" not in ref:
+        return []  # reported by target_errors
+    module, _, qualname = ref.partition(":")
+    try:
+        found: Any = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 (user code: ImportError, SyntaxError, anything)
+        return [
+            f"handler {ref!r}: cannot import {module!r} ({type(exc).__name__}: {exc}); "
+            "is it on PYTHONPATH?"
+        ]
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if not callable(found):
+        return [f"handler {ref!r}: {module!r} has no function {qualname!r}"]
+    return []
 
 
 def _collect(compile_fn: Callable[[str], object], text: str) -> list[str]:

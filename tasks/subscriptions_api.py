@@ -139,14 +139,16 @@ def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[Sub
     resolved: dict[tuple[int, str], tuple[int | None, str]] = {}
     errors: list[str] = []
     for spec in specs:
-        key = (ids[spec.connection], spec.room or "")
-        if spec.room and spec.event not in ROOM_LIST_EVENTS and key not in resolved:
-            try:
-                resolved[key] = resolve_room(rt, *key)
-            except ValidationError as exc:
-                resolved[key] = (None, spec.room)
-                errors.extend(exc.errors)
-    _refuse(errors)
+        watched = [spec.room] if spec.room and spec.event not in ROOM_LIST_EVENTS else []
+        for room in watched + _target_rooms(spec):  # --to-room is looked up like --room
+            key = (ids[spec.connection], room)
+            if key not in resolved:
+                try:
+                    resolved[key] = resolve_room(rt, *key)
+                except ValidationError as exc:
+                    resolved[key] = (None, room)
+                    errors.extend(exc.errors)
+    _refuse(_unique(errors))
     views = []
     with rt.db.session() as s:
         for spec in specs:
@@ -169,6 +171,39 @@ def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[Sub
             s.flush()
             views.append(SubView.of(row))
     return views
+
+
+def update_subscription(rt: Runtime, sub_id: int, spec: SubscriptionSpec) -> SubView:
+    """Give subscription ``sub_id`` the filter, name and target of ``spec`` (its connection,
+    event and room must be the stored ones), validated by the rules of a new subscription;
+    the watermark and priming stay. A webhook target without a new ``secret`` keeps the
+    stored one (``secret_encrypted``); any problem stores nothing."""
+    _refuse(_all_errors([spec]))
+    with rt.db.session() as s:
+        conn_id = conns.require_connection(s, spec.connection).id
+    errors: list[str] = []
+    for room in _target_rooms(spec):
+        try:
+            resolve_room(rt, conn_id, room)
+        except ValidationError as exc:
+            errors.extend(exc.errors)
+    _refuse(errors)
+    with rt.db.session() as s:
+        row = subs.update_subscription(
+            s,
+            sub_id,
+            filter=spec.filter,
+            target_kind=spec.target_kind,
+            target=stored_target(rt, spec.target_kind, spec.target),
+            name=spec.name,
+        )
+        return SubView.of(row)
+
+
+def _target_rooms(spec: SubscriptionSpec) -> list[str]:
+    """The room an action target posts to, when it names one."""
+    room = spec.target.get("room") if spec.target_kind == "action" else None
+    return [str(room)] if isinstance(room, str | int) and not isinstance(room, bool) else []
 
 
 def _all_errors(specs: list[SubscriptionSpec]) -> list[str]:

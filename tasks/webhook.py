@@ -8,8 +8,10 @@
 * ``X-HipChat-Poller-Event``: the event name.
 
 2xx is delivered. 400, 401, 403, 404, 405, 410, 413, 422 and redirects need a person
-(:class:`NeedsAttention`: dead at once). Anything else (5xx, 408, 429, a transport failure)
-is retried by the delivery's backoff, never sooner than a ``Retry-After`` the receiver sent.
+(:class:`NeedsAttention`: dead at once); 404 and 410 say the receiver is gone, so the
+subscription goes to ``error`` too (:func:`stop_if_gone`). Anything else (5xx, 408, 429, a
+transport failure) is retried by the delivery's backoff, never sooner than a ``Retry-After``
+the receiver sent.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from storage import subscriptions as subs
 from storage.errors import NeedsAttention, ServerError
+from storage.vocabulary import SubscriptionState, TargetKind
 from tasks.client_http import send
 from tasks.ratelimit_headers import retry_after_seconds
 from tasks.runtime import Runtime
@@ -32,6 +36,9 @@ SIGNATURE_HEADER = "X-HipChat-Poller-Signature"
 EVENT_HEADER = "X-HipChat-Poller-Event"
 USER_AGENT = "hipchat-poller-webhook/0.1"
 PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 413, 422})
+GONE_STATUSES = frozenset({404, 410})
+
+log = logging.getLogger(__name__)
 
 
 class _RedactQueries(logging.Filter):
@@ -95,6 +102,19 @@ def deliver_webhook(rt: Runtime, sub: SubView, event: dict[str, Any]) -> str:
     # 5xx, 408, 429, ...: retried; a Retry-After the receiver sent is a floor on the wait.
     stated = retry_after_seconds(response.headers, time.time())
     raise ServerError(f"webhook {_safe_url(url)} answered {status}", status, stated or 0.0)
+
+
+def stop_if_gone(rt: Runtime, sub: SubView, exc: Exception) -> bool:
+    """After a failed delivery: a webhook that answered 404 or 410 is gone, so its
+    subscription goes to ``error`` with the reason (``subscription resume`` clears it) and its
+    later events wait for a person instead of dying one by one. True if it did."""
+    status = getattr(exc, "status", None)
+    if sub.target_kind != TargetKind.WEBHOOK or status not in GONE_STATUSES:
+        return False
+    with rt.db.session() as s:
+        subs.set_subscription_state(s, sub.id, SubscriptionState.ERROR, str(exc))
+    log.error("sub=%s in error: %s", sub.id, exc)
+    return True
 
 
 def _safe_url(url: str) -> str:

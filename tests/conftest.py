@@ -22,7 +22,12 @@ from tests.redis_server import RedisServer
 
 # Fixture modules, registered here so that test modules use their fixtures without importing
 # (or re-exporting) them.
-pytest_plugins = ["tests.fixtures_emulator", "tests.storage_support", "tests.pipeline_support"]
+pytest_plugins = [
+    "tests.fixtures_emulator",
+    "tests.storage_support",
+    "tests.pipeline_support",
+    "tests.cli_support",
+]
 
 REDIS_URL = os.environ.get("HIPCHAT_POLLER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_ADMIN_URL = os.environ.get(

@@ -545,7 +545,6 @@ def test_the_gate_spends_prepaid_calls_first(budget: Backend) -> None:
 
 def test_the_gate_records_only_what_changes_the_budget(budget: Backend) -> None:
     b = budget.make(capacity=100)
-    Gate._recorded.pop(CONN, None)
     written: list[tuple[int | None, float | None]] = []
     original = b.observe
 

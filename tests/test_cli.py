@@ -6,100 +6,23 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.fernet import Fernet
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.event import listen, remove
 
 from emulator import EmulatorServer
-from storage import subscriptions as subs
 from storage.db import Database, head_revision
 from storage.vocabulary import OutboxState
-from tasks.runtime import Runtime
-from tasks.settings import Settings
+from tests.cli_support import ENV_PREFIX, ROOT, TOKEN, Cli, runtime, stored
 from tests.storage_support import opened, postgres_schema
 from worker import cli_run, schema_check
-from worker.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
-TOKEN = f"tok-{uuid.uuid4().hex}"  # distinctive, so its absence from the output means something
-ENV_PREFIX = "HIPCHAT_POLLER_"
-
-
-class Cli:
-    """Runs ``main(argv)`` and keeps everything it printed and logged, for the token check."""
-
-    def __init__(self, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture):
-        self.capsys = capsys
-        self.caplog = caplog
-        self.everything: list[str] = []
-
-    def __call__(self, *argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        out, err = self.capsys.readouterr()
-        self.everything += [out, err]
-        return code, out, err
-
-    def json(self, *argv: str) -> Any:
-        code, out, err = self(*argv)
-        assert code == 0, err
-        return json.loads(out)
-
-    def all_output(self) -> str:
-        return "\n".join([*self.everything, self.caplog.text])
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv(ENV_PREFIX + "DATA_DIR", str(tmp_path))
-    monkeypatch.setenv(ENV_PREFIX + "SECRET_KEY", Fernet.generate_key().decode())
-    monkeypatch.setenv(ENV_PREFIX + "REDIS_KEY_PREFIX", f"hp-test-{uuid.uuid4().hex[:12]}")
-    return tmp_path
-
-
-@pytest.fixture
-def cli(
-    data_dir: Path,
-    capsys: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[Cli]:
-    caplog.set_level(logging.DEBUG)  # the client's DEBUG lines too: none may show the token
-    runner = Cli(capsys, caplog)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    yield runner
-    assert TOKEN not in runner.all_output()
-
-
-@pytest.fixture
-def server(emulator: EmulatorServer) -> EmulatorServer:
-    emulator.state.create_token(1, token=TOKEN)
-    emulator.state.create_room("Factor")
-    return emulator
-
-
-@pytest.fixture
-def ops(cli: Cli, server: EmulatorServer) -> EmulatorServer:
-    code, _, err = cli("connection", "add", "ops", "--base-url", server.base_url, "--token", TOKEN)
-    assert code == 0, err
-    return server
-
-
-def runtime() -> Runtime:
-    return Runtime(Settings.from_env())
-
 
 # -- connections ----------------------------------------------------------------------------
 
@@ -108,7 +31,7 @@ def test_connection_add_with_token(cli: Cli, server: EmulatorServer) -> None:
     code, out, _ = cli("connection", "add", "ops", "--base-url", server.base_url, "--token", TOKEN)
 
     assert code == 0
-    assert out == f"connection ops added (id 1, {server.base_url})\n"
+    assert out == f"connection ops added (id 1, {server.base_url}); token checked with HipChat\n"
 
 
 def test_connection_add_from_an_environment_variable(
@@ -218,15 +141,6 @@ def test_removing_a_connection_removes_its_subscriptions(cli: Cli, ops: Emulator
 
 
 # -- subscribe ------------------------------------------------------------------------------
-
-
-def stored(name: str | None = None) -> list[Any]:
-    with runtime().db.session() as s:
-        return [
-            (r.event, r.room, r.room_id, r.filter, r.target_kind, dict(r.target))
-            for r in subs.list_subscriptions(s)
-            if name is None or r.name == name
-        ]
 
 
 def test_subscribe_reply_is_factors_ping_pong(cli: Cli, ops: EmulatorServer) -> None:
@@ -375,14 +289,26 @@ def test_subscriptions_as_text(cli: Cli, three_subs: EmulatorServer) -> None:
     code, out, _ = cli("subscriptions")
 
     assert code == 0
-    lines = out.splitlines()
+    header, *lines = out.splitlines()
+    assert header.split() == [
+        "ID",
+        "NAME",
+        "CONNECTION",
+        "EVENT",
+        "ROOM",
+        "FILTER",
+        "TARGET",
+        "STATE",
+    ]
     assert len(lines) == 3
     assert lines[0].split() == [
-        "1", "conn", "1", "room_message", "Factor", "->", "action", "filter='ping", "(.*)'",
+        "1", "-", "ops", "room_message", "Factor", "ping", "(.*)", "reply", "'pong",
+        "{matches[0]}'", "active",
+    ]  # fmt: skip
+    assert lines[1].split()[3:] == [
+        "room_created", "-", "-", "webhook", "https://***@ci.example/hook?***", "(signed)",
         "active",
     ]  # fmt: skip
-    assert "room_created" in lines[1]
-    assert "-> webhook" in lines[1]
     assert not [s for s in SECRETS if s in out]
 
 
@@ -394,7 +320,8 @@ def test_subscriptions_as_json_never_show_a_secret(cli: Cli, three_subs: Emulato
     assert [v["event"] for v in views] == ["room_message", "room_created", "room_enter"]
     assert views[0]["room_id"] == three_subs.state.get_room("Factor")["id"]
     assert views[0]["primed"] is False
-    assert views[1]["target"] == {"url": "https://***@ci.example/hook?***"}
+    assert views[1]["target"] == {"url": "https://***@ci.example/hook?***", "signed": True}
+    assert views[1]["connection"] == {"id": 1, "name": "ops"}
     assert not [s for s in SECRETS if s in out]
 
 
@@ -469,9 +396,10 @@ def test_add_member(cli: Cli, ops: EmulatorServer) -> None:
         (["add-member", "ops", "General", "@bobb"], 2,
          ["error: room 'General' is public; only private rooms have members to add"]),
         (["users", "nope", "Factor"], 2, ["error: no connection 'nope'"]),
-        (["users", "ops", "Nowhere"], 1,
+        # An unknown room or user is bad input, like an unknown connection.
+        (["users", "ops", "Nowhere"], 2,
          ["error: GET /v2/room/Nowhere: HTTP 404: Room Nowhere not found"]),
-        (["user", "ops", "@ghost"], 1, ["error: GET /v2/user/%40ghost: HTTP 404: User not found"]),
+        (["user", "ops", "@ghost"], 2, ["error: GET /v2/user/%40ghost: HTTP 404: User not found"]),
         (["post", "ops"], 2, None),
     ],
 )  # fmt: skip
@@ -674,18 +602,21 @@ def test_what_a_schema_mismatch_tells_a_person(current: str | None, message: str
 def test_status(cli: Cli, three_subs: EmulatorServer) -> None:
     cli("connection", "pause", "ops")
 
-    report = cli.json("status")
+    code, out, _ = cli("status", "--json")
 
+    assert code == 0  # paused is not failing: a person paused it
+    report = json.loads(out)
     [connection] = report["connections"]
-    assert (connection["name"], connection["state"], connection["last_poll_at"]) == (
+    assert (connection["name"], connection["state"], connection["last_ok_at"]) == (
         "ops",
         "paused",
         None,
     )
-    assert report["subscriptions"] == {"active": 3}
+    assert [s["state"] for s in report["subscriptions"]] == ["active"] * 3
     assert report["outbox"] == dict.fromkeys(
         (s.value for s in OutboxState), 0
     )  # every state listed, nothing polled yet
+    assert (report["healthy"], report["problems"]) == (True, [])
 
 
 def test_handlers_sync(cli: Cli, ops: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> None:

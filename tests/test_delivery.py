@@ -14,6 +14,7 @@ from redis.lock import Lock
 
 from emulator import EmulatorServer
 from storage import outbox
+from storage import subscriptions as subs
 from storage.errors import BucketEmpty, RateLimited
 from tasks import delivery
 from tasks.delivery import DrainResult, backoff_seconds, drain
@@ -134,19 +135,61 @@ def test_retry_after_from_the_receiver_is_a_floor(pipeline: Pipeline, receiver: 
     assert p.event(event_id).next_attempt_at == at(120)
 
 
-def test_gone_is_dead_at_once_and_the_next_event_goes(
+@pytest.mark.parametrize("status", [404, 410])
+def test_a_gone_webhook_is_dead_at_once_and_puts_its_subscription_in_error(
+    pipeline: Pipeline, receiver: Receiver, status: int
+) -> None:
+    p = pipeline
+    sub = _webhook(p, receiver)
+    first, second = p.add_events(sub, 2)
+    receiver.answer(status)
+    assert drain(p.rt, sub, now=T0) == DrainResult(dead=1)
+    gone = p.event(first)
+    assert gone.state == "dead"
+    assert gone.attempts == 1
+    assert str(status) in (gone.last_error or "")
+    with p.rt.db.session() as s:
+        row = subs.get_subscription(s, sub)
+        assert row is not None
+        assert (row.state, row.state_reason) == (
+            "error",
+            f"webhook {receiver.url} answered {status}",
+        )
+    # The later events wait for a person: no drain sends them while the subscription is in error.
+    assert drain(p.rt, sub, now=T0) == DrainResult()
+    assert p.event(second).state == "pending"
+    assert len(receiver.requests) == 1
+    with p.rt.db.session() as s:
+        subs.set_subscription_state(s, sub, "active")
+    assert drain(p.rt, sub, now=T0) == DrainResult(delivered=1)
+
+
+def test_other_client_errors_are_dead_and_the_next_event_goes(
     pipeline: Pipeline, receiver: Receiver
 ) -> None:
     p = pipeline
     sub = _webhook(p, receiver)
     first, second = p.add_events(sub, 2)
-    receiver.answer(410)
+    receiver.answer(422)
     assert drain(p.rt, sub, now=T0) == DrainResult(delivered=1, dead=1)
-    gone = p.event(first)
-    assert gone.state == "dead"
-    assert gone.attempts == 1
-    assert "410" in (gone.last_error or "")
+    assert p.event(first).state == "dead"
     assert p.event(second).state == "delivered"
+
+
+def test_each_attempt_is_in_the_attempt_log(pipeline: Pipeline, receiver: Receiver) -> None:
+    p = pipeline
+    sub = _webhook(p, receiver)
+    (event_id,) = p.add_events(sub, 1)
+    receiver.answer(503)
+    retry = drain(p.rt, sub, now=T0).retry_after
+    assert retry is not None
+    assert drain(p.rt, sub, now=at(retry)) == DrainResult(delivered=1)
+    log = p.event(event_id).attempt_log or []
+    assert [(e["at"], e.get("error"), e.get("outcome")) for e in log] == [
+        (T0.isoformat(), f"ServerError: webhook {receiver.url} answered 503", None),
+        (at(retry).isoformat(), None, "webhook 200"),
+    ]
+    assert all(isinstance(e["ms"], int) and e["ms"] >= 0 for e in log)
 
 
 def test_redirect_is_not_followed(pipeline: Pipeline, receiver: Receiver) -> None:

@@ -491,7 +491,8 @@ def test_revoked_token_pauses_the_connection_with_a_reason(pipeline: Pipeline) -
     assert row.state_reason
     assert "401" in row.state_reason
     assert p.token not in row.state_reason
-    assert p.token not in (row.last_poll_status or "")
+    with p.rt.db.session() as s:
+        assert p.token not in (health_store.get_health(s, p.conn_id).status or "")
     assert p.poll().skipped == "connection missing or not active"
 
 

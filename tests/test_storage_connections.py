@@ -126,15 +126,6 @@ def test_update_connection_and_a_new_token_clears_auth_failed(
         assert found.updated_at >= conn.updated_at
 
 
-def test_record_poll(db: Database, conn: Connection) -> None:
-    at = datetime(2024, 5, 1, 10, tzinfo=UTC)
-    with db.session() as s:
-        conns.record_poll(s, conn.id, at, "ok: 3 events")
-    with db.session() as s:
-        found = conns.require_connection(s, conn.id)
-        assert (found.last_poll_at, found.last_poll_status) == (at, "ok: 3 events")
-
-
 def test_remove_connection_cascades(db: Database, conn: Connection) -> None:
     with db.session() as s:
         sub = subscriptions.add_subscription(

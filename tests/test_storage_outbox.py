@@ -246,3 +246,105 @@ def test_stats_and_purge(db: Database, sub: Subscription) -> None:
         assert outbox.purge_closed(s, T0) == 0
         assert outbox.purge_closed(s, T0 + MINUTE) == 2
         assert outbox.stats(s) == {"pending": 1, "dispatched": 1, "delivered": 0, "dead": 0}
+
+
+# -- the attempt log, listing, replay (operators: `hipchat-poller events`) ----------------------
+
+
+def test_every_attempt_is_logged_with_its_time_and_duration(
+    db: Database, sub: Subscription
+) -> None:
+    with db.session() as s:
+        (event,) = outbox.add_events(s, [new(sub, "k")], at=T0)
+        outbox.mark_failed(
+            s, event.id, "HTTP 503", T0 + MINUTE, dead=False, at=T0, duration_ms=12.4
+        )
+        outbox.mark_failed(s, event.id, "429", T0 + MINUTE, dead=False, at=T0 + MINUTE, attempts=1)
+        outbox.mark_delivered(s, event.id, T0 + 2 * MINUTE, "webhook 200", duration_ms=3)
+        outbox.mark_delivered(s, event.id, T0 + 3 * MINUTE, "again")  # closed: nothing logged
+    with db.session() as s:
+        done = outbox.get_event(s, event.id)
+        assert done is not None
+        assert done.attempt_log == [
+            {"at": T0.isoformat(), "error": "HTTP 503", "ms": 12},
+            {"at": (T0 + MINUTE).isoformat(), "error": "429", "ms": None},
+            {"at": (T0 + 2 * MINUTE).isoformat(), "outcome": "webhook 200", "ms": 3},
+        ]
+
+
+def test_the_attempt_log_keeps_the_newest_entries(db: Database, sub: Subscription) -> None:
+    with db.session() as s:
+        (event,) = outbox.add_events(s, [new(sub, "k")], at=T0)
+        for i in range(outbox.MAX_ATTEMPT_LOG + 5):
+            outbox.mark_failed(s, event.id, f"try {i}", None, dead=False, at=T0)
+    with db.session() as s:
+        log = s.get_one(OutboxEvent, event.id).attempt_log or []
+    assert len(log) == outbox.MAX_ATTEMPT_LOG
+    assert (log[0]["error"], log[-1]["error"]) == ("try 5", f"try {outbox.MAX_ATTEMPT_LOG + 4}")
+
+
+def test_list_events_filters_and_puts_the_newest_first(db: Database, sub: Subscription) -> None:
+    with db.session() as s:
+        other = subscriptions.add_subscription(
+            s, sub.connection_id, "room_created", target_kind="log", target={}
+        )
+        outbox.add_events(s, [new(sub, "old")], at=T0 - 10 * MINUTE)
+        a, b = outbox.add_events(s, [new(sub, "a"), new(other, "b")], at=T0)
+        outbox.mark_failed(s, b.id, "gone", None, dead=True)
+    with db.session() as s:
+        keys = [e.idempotency_key for e in outbox.list_events(s)]
+        assert keys == ["b", "a", "old"]
+        assert [e.id for e in outbox.list_events(s, subscription_id=other.id)] == [b.id]
+        assert [e.id for e in outbox.list_events(s, states=["dead"])] == [b.id]
+        assert [e.id for e in outbox.list_events(s, since=T0)] == [b.id, a.id]
+        assert [e.id for e in outbox.list_events(s, limit=1)] == [b.id]
+        assert outbox.list_events(s, connection_id=sub.connection_id + 1) == []
+        assert outbox.count_events(s, states=["dead"]) == 1
+        assert outbox.count_events(s, states=["dead"], since=T0 + MINUTE) == 0
+        assert outbox.counts_by_subscription(s) == {
+            sub.id: {"pending": 2},
+            other.id: {"dead": 1},
+        }
+
+
+def test_replay_requeues_closed_events_under_their_keys(db: Database, sub: Subscription) -> None:
+    with db.session() as s:
+        dead, delivered, open_ = outbox.add_events(s, [new(sub, k) for k in "abc"], at=T0)
+        for _ in range(3):
+            outbox.mark_failed(s, dead.id, "HTTP 503", T0 + MINUTE, dead=False, at=T0)
+        outbox.mark_failed(s, dead.id, "HTTP 503", None, dead=True, at=T0)
+        outbox.mark_delivered(s, delivered.id, T0, "logged")
+    with db.session() as s:
+        assert [e.id for e in outbox.closed_events(s)] == [dead.id]
+        chosen = outbox.closed_events(
+            s, ids=[dead.id, delivered.id, open_.id], states=outbox.CLOSED_OUTBOX_STATES
+        )
+        assert [e.id for e in chosen] == [dead.id, delivered.id]
+        assert outbox.replay(s, [*chosen, s.get_one(OutboxEvent, open_.id)], T0 + MINUTE) == [
+            dead.id,
+            delivered.id,
+        ]
+    with db.session() as s:
+        again = s.get_one(OutboxEvent, dead.id)
+        assert (again.idempotency_key, again.state, again.attempts) == ("a", "pending", 0)
+        assert (again.next_attempt_at, again.last_error, again.delivered_at) == (None, None, None)
+        assert again.attempt_log is not None
+        assert len(again.attempt_log) == 5  # the four attempts are kept
+        assert again.attempt_log[-1] == {"at": (T0 + MINUTE).isoformat(), "replayed": True}
+        # The relay hands it over like any pending event left behind.
+        found = outbox.undispatched(s, older_than=T0 + MINUTE)
+        assert [e.idempotency_key for e in found] == ["a", "b", "c"]
+        assert outbox.closed_events(s) == []
+
+
+def test_replay_by_subscription_and_since(db: Database, sub: Subscription) -> None:
+    with db.session() as s:
+        early, late = outbox.add_events(s, [new(sub, "early")], at=T0 - MINUTE) + (
+            outbox.add_events(s, [new(sub, "late")], at=T0)
+        )
+        for event in (early, late):
+            outbox.mark_failed(s, event.id, "gone", None, dead=True)
+    with db.session() as s:
+        assert outbox.closed_events(s, subscription_id=sub.id + 1) == []
+        recent = outbox.closed_events(s, subscription_id=sub.id, since=T0)
+        assert [e.idempotency_key for e in recent] == ["late"]

@@ -19,6 +19,7 @@ ACTION_QUEUE = "hipchat.actions"
 TASK_ROUTES = {
     "hipchat.poll_connection": {"queue": POLL_QUEUE},
     "hipchat.relay_outbox": {"queue": POLL_QUEUE},
+    "hipchat.purge_outbox": {"queue": POLL_QUEUE},
     "hipchat.deliver": {"queue": ACTION_QUEUE},
     "hipchat.action.*": {"queue": ACTION_QUEUE},
 }

@@ -1,10 +1,17 @@
 """Commands: ``run`` (worker + beat in one process), ``demo``, ``worker`` and ``beat``
 (Celery's own commands with our app), ``emulator``.
 
+Before ``run``, ``worker`` and ``beat`` start, :mod:`worker.preflight` checks that Redis,
+the broker and the database answer (one line and exit 1 within seconds when one does not).
+
 The database schema: ``run`` on embedded defaults (no Redis: this process is the only one)
 upgrades it like ``migrate``; ``run`` with Redis, ``worker`` and ``beat`` only check it and
 refuse to start on an out-of-date database (:mod:`worker.schema_check`), because other
 processes of another version may be using it: upgrading is ``hipchat-poller migrate``'s job.
+
+The log level is ``--log-level`` (or Celery's ``--loglevel``), else
+``HIPCHAT_POLLER_LOG_LEVEL``. Settings that work but that HipChat will punish (a budget above
+its 100 calls a minute) are warned about once, at start.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ from emulator.cli import main as emulator_main
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 from worker.app import ACTION_QUEUE, POLL_QUEUE, create_app
+from worker.cli_format import positive_int
 from worker.demo import run_demo
 from worker.embedded import EmbeddedWorker
-from worker.schema_check import check_schema
+from worker.preflight import services_ready
 
 log = logging.getLogger(__name__)
 APP = "worker.celery_app:app"
@@ -33,7 +41,7 @@ def register(sub: Any) -> None:
         "run",
         help="worker and beat in one process (embedded defaults when no Redis/database URL is set)",
     )
-    run.add_argument("--concurrency", type=_positive_int, default=4)
+    run.add_argument("--concurrency", type=positive_int, default=4)
     run.set_defaults(handler=cmd_run)
     demo = sub.add_parser(
         "demo",
@@ -55,18 +63,11 @@ PASSTHROUGH = ("worker", "beat", "emulator")
 HELP_FLAGS = ("-h", "--help")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def passthrough(argv: list[str]) -> int | None:
     """worker/beat/emulator take their own options; None if argv is not one of them.
 
-    A leading ``--log-level LEVEL`` (our global option) is accepted and handed to Celery as
-    ``--loglevel`` unless the Celery options already set one.
+    A leading ``--log-level LEVEL`` (our global option), else ``HIPCHAT_POLLER_LOG_LEVEL``,
+    is handed to Celery as ``--loglevel`` unless the Celery options already set one.
     """
     level, rest = _global_log_level(argv)
     if not rest or rest[0] not in PASSTHROUGH:
@@ -89,7 +90,9 @@ def passthrough(argv: list[str]) -> int | None:
                 file=sys.stderr,
             )
             return 2
-        _schema_ready(settings)
+        _warn(settings)
+        services_ready(settings)
+        level = level or settings.log_level.upper()
     if level and not any(a.startswith(("-l", "--loglevel")) for a in options):
         options = [*options, "--loglevel", level]
     return _celery(command, options)
@@ -120,23 +123,16 @@ def _celery(command: str, options: list[str]) -> int:
     return 0
 
 
-def _schema_ready(settings: Settings, *, upgrade: bool = False) -> None:
-    """Upgrade the schema, or check it (a worker on an old schema would fail task by task);
-    on its own engine, closed afterwards: the worker's processes build their own."""
-    rt = Runtime(settings)
-    try:
-        if upgrade:
-            rt.db.upgrade()
-        else:
-            check_schema(rt)
-    finally:
-        rt.close()
+def _warn(settings: Settings) -> None:
+    for warning in settings.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    _warn(settings)
     # On embedded defaults this is the one process using the database: it may upgrade it.
-    _schema_ready(settings, upgrade=settings.embedded)
+    services_ready(settings, upgrade=settings.embedded)
     app = create_app(settings)
     rt = Runtime.of(app)
     mode = "embedded (in-process broker and bucket)" if settings.embedded else "Redis"
@@ -146,7 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         rt.db.dialect,
         settings.poll_interval_seconds,
     )
-    EmbeddedWorker(app, concurrency=args.concurrency, loglevel=args.log_level or "INFO").run()
+    level = args.log_level or settings.log_level.upper()
+    EmbeddedWorker(app, concurrency=args.concurrency, loglevel=level).run()
     return 0
 
 

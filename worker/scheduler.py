@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 SYNC_EVERY_SECONDS = 5.0
 POLL_TASK = "hipchat.poll_connection"
 RELAY_TASK = "hipchat.relay_outbox"
+PURGE_TASK = "hipchat.purge_outbox"
+PURGE_EVERY_SECONDS = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,7 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
         # schedule syncing, and this one holds wall-clock time.
         self._last_connection_sync = -math.inf
         self._last_relay = -math.inf
+        self._last_purge = -math.inf
         super().__init__(*args, **kwargs)
 
     @property
@@ -113,7 +116,14 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
             self._last_relay = now
             self._send(RELAY_TASK, [], expires=settings.relay_interval_seconds)
         wake = min(wake, self._last_relay + settings.relay_interval_seconds)
+        self._send_purge(now)
         return max(0.0, min(wake - now, float(self.max_interval)))
+
+    def _send_purge(self, now: float) -> None:
+        """Every PURGE_EVERY_SECONDS: delete closed outbox events past their retention."""
+        if now - self._last_purge >= PURGE_EVERY_SECONDS:
+            self._last_purge = now
+            self._send(PURGE_TASK, [], expires=PURGE_EVERY_SECONDS)
 
     def _send_poll(self, connection_id: int, index: int, interval: float) -> None:
         if self._send(POLL_TASK, [connection_id, index], expires=interval):

@@ -1,0 +1,96 @@
+"""The deployment files: docker-compose.yml documents adding a connection and mounts a handlers
+directory; the image pins every dependency with constraints.txt, which pins exactly what
+hipchat-poller[flower] needs (``.ci/constraints.py`` generates it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import tomllib
+from pathlib import Path
+from types import ModuleType
+
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict[str, dict[str, dict[str, object]]]:
+    found: dict[str, dict[str, dict[str, object]]] = yaml.safe_load(
+        (ROOT / "docker-compose.yml").read_text()
+    )
+    return found
+
+
+def generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("constraints", ROOT / ".ci" / "constraints.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    found = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+    return {canonicalize_name(name): version for name, version in found.items()}
+
+
+def test_compose_documents_adding_a_connection_and_reading_status() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert re.search(r"docker compose run --rm -e HIPCHAT_POLLER_TOKEN worker connection add", text)
+    assert "docker compose run --rm worker status" in text
+    assert "--token " not in text  # the token comes from the environment, never the command
+
+
+def test_compose_mounts_a_handlers_directory_on_the_images_pythonpath() -> None:
+    services = compose()["services"]
+    for name in ("worker", "beat"):
+        volumes = services[name]["volumes"]
+        assert isinstance(volumes, list)
+        assert any(str(v).endswith(":/handlers:ro") for v in volumes), name
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "ENV PYTHONPATH=/handlers" in dockerfile
+
+
+def test_compose_leaves_the_log_level_to_the_setting() -> None:
+    services = compose()["services"]
+    for name in ("worker", "beat"):
+        assert "--loglevel" not in services[name]["command"]  # type: ignore[operator]
+        env = services[name]["environment"]
+        assert isinstance(env, dict)
+        assert "HIPCHAT_POLLER_LOG_LEVEL" in env
+
+
+def test_the_image_installs_with_the_constraints() -> None:
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    copied = [line for line in lines if line.startswith("COPY ")]
+    assert any("constraints.txt" in line.split() for line in copied)
+    install = next(line for line in lines if "pip install" in line)
+    assert "-c constraints.txt" in install
+    assert "'.[flower]'" in install
+
+
+def test_constraints_pin_exactly_what_the_project_needs() -> None:
+    needed = generator().closure()
+    pinned = pins()
+    assert set(pinned) == set(needed), "regenerate: python .ci/constraints.py > constraints.txt"
+    for name, requirement in needed.items():
+        assert requirement is not None
+        assert Requirement(str(requirement)).specifier.contains(pinned[name], prereleases=True), (
+            name,
+            str(requirement),
+            pinned[name],
+        )
+
+
+def test_the_pins_satisfy_pyprojects_lower_bounds() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = pins()
+    for text in [*project["dependencies"], *project["optional-dependencies"]["flower"]]:
+        requirement = Requirement(text)
+        version = pinned[canonicalize_name(requirement.name)]
+        assert requirement.specifier.contains(version, prereleases=True), (text, version)
