@@ -1,20 +1,24 @@
 """Beat's connection scheduler under a controlled clock, and the thin Celery tasks it feeds:
 the interval claim, the hand-over to delivery, the relay.
 
-The scheduler tests record ``send_task`` calls instead of publishing. The heap itself is
+The scheduler tests record ``send_task`` calls instead of publishing; one test publishes to a
+``redis-server`` of its own and counts the Redis commands a send costs. The heap itself is
 tested in ``test_poll_schedule.py``."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
 from celery.exceptions import Retry
+from cryptography.fernet import Fernet
 from redis.lock import Lock
 from sqlalchemy import text, update
 
@@ -27,14 +31,17 @@ from tasks import celery_tasks
 from tasks.delivery import drain
 from tasks.poll import poll_connection
 from tasks.runtime import Runtime
+from tasks.settings import Settings
 from tests.pipeline_support import (
     ROOM,
     Backend,
     Pipeline,
     Receiver,
 )
+from tests.redis_server import RedisServer
+from tests.storage_support import opened, sqlite_url
 from worker import scheduler as scheduler_module
-from worker.app import create_app
+from worker.app import POLL_QUEUE, create_app
 from worker.poll_schedule import interval_index
 from worker.scheduler import (
     BROKER_RETRY_SECONDS,
@@ -196,6 +203,17 @@ def test_the_relay_is_sent_every_relay_interval(beat: Beat) -> None:
     relays = beat.relays()
     assert [r.at - T0 for r in relays] == [0.0, 30.0, 60.0, 90.0, 120.0]
     assert all(r.args == [] for r in relays)
+
+
+def test_polls_and_relays_keep_no_result_and_send_no_sent_event(beat: Beat) -> None:
+    beat.add("alpha")
+    beat.start()
+    beat.run_until(T0)
+    assert {s.name for s in beat.sent} == {POLL_TASK, RELAY_TASK}
+    for sent in beat.sent:
+        assert sent.options["ignore_result"] is True
+        dispatcher = sent.options["event_dispatcher"]  # what publishes the task-sent event
+        assert dispatcher.publish("task-sent", {"uuid": "x"}, None) is None
 
 
 # -- reading the connections --------------------------------------------------------------------
@@ -370,6 +388,78 @@ def test_a_broker_error_keeps_the_slot(beat: Beat, monkeypatch: pytest.MonkeyPat
     beat.run_until(T0 + 2.5 * INTERVAL + BROKER_RETRY_SECONDS)
     (late,) = beat.polls(conn, since=T0 + 2)
     assert late.args == [conn, interval_index(late.at, INTERVAL, beat.offset(conn))]
+
+
+@pytest.fixture(name="broker_app")
+def broker_app_fixture(
+    redis_server: RedisServer, tmp_path: Path, key_prefix: str
+) -> Iterator[Celery]:
+    """A Celery app whose broker is this module's own redis-server; SQLite."""
+    url = sqlite_url(tmp_path)
+    with opened(url, migrate=True):
+        pass
+    settings = Settings(
+        database_url=url,
+        redis_url=redis_server.url,
+        data_dir=str(tmp_path),
+        secret_key=Fernet.generate_key().decode(),
+        redis_key_prefix=key_prefix,
+        poll_interval_seconds=INTERVAL,
+        relay_interval_seconds=RELAY_EVERY,
+    )
+    app = create_app(settings)
+    yield app
+    rt = Runtime.of(app)
+    rt.db.dispose()
+    rt.redis.close()
+    app.close()
+
+
+def _command_calls(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()}
+
+
+def test_a_send_is_one_redis_command_and_a_broker_restart_loses_no_slot(
+    broker_app: Celery, redis_server: RedisServer
+) -> None:
+    rt = Runtime.of(broker_app)
+    with rt.db.session() as s:
+        ids = [
+            conns.add_connection(s, f"c{i}", "http://h.example", "t", rt.cipher).id
+            for i in range(5)
+        ]
+    client = redis_server.client()
+    clock = ManualClock(T0)
+    scheduler = ConnectionScheduler(broker_app, clock=clock, resume=False)
+    before = _command_calls(client)
+    scheduler.tick()  # 5 polls and the relay
+    after = _command_calls(client)
+    spent = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+    assert spent["lpush"] == 6
+    assert {name: spent.get(name, 0) for name in ("publish", "subscribe", "unsubscribe")} == {
+        "publish": 0,  # no task-sent event
+        "subscribe": 0,  # no result channel
+        "unsubscribe": 0,
+    }
+    assert client.llen(POLL_QUEUE) == 6
+
+    redis_server.stop()  # the broker goes away as a poll falls due
+    due = scheduler.schedule.next_due()
+    assert due is not None
+    clock.set(due)
+    scheduler.tick()
+    redis_server.restart()  # and comes back, empty
+    clock.advance(BROKER_RETRY_SECONDS)
+    scheduler.tick()
+    headers = [json.loads(m)["headers"] for m in client.lrange(POLL_QUEUE, 0, -1)]
+    polls = [h for h in headers if h["task"] == POLL_TASK]
+    assert len(polls) == 1
+    conn_id, index = json.loads(polls[0]["argsrepr"])
+    assert conn_id in ids
+    assert due == index * INTERVAL + scheduler.schedule.offset(conn_id)
+    assert polls[0]["ignore_result"] is True
+    client.close()
 
 
 # -- the tasks beat sends ---------------------------------------------------------------------
