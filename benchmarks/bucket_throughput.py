@@ -1,12 +1,13 @@
-"""Bucket takes per second against real Redis, next to a plain INCR round trip in the same run.
+"""Budget takes per second against real Redis, next to a plain INCR round trip and to the
+`limits` library's moving window (the same "at most N in any window" guarantee), in one run.
 
 Reproduce (Redis on loopback, from the repository root):
 
-    /work/venv/bin/python -m benchmarks.bucket_throughput --seconds 2 --repeats 3 --threads 4
+    python -m benchmarks.bucket_throughput --seconds 2 --repeats 3 --threads 4
 
 The ratio take/INCR is the figure that travels between machines: both are one round trip, so
-it shows what the Lua script costs on top of the network and client. Keys live under a unique
-prefix and are deleted afterwards; nothing else in the database is touched.
+it shows what the script and its client code cost on top of the network. Keys live under a
+unique prefix and are deleted afterwards; nothing else in the database is touched.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from datetime import UTC, datetime
 from functools import partial
 
 import redis
+from limits import RateLimitItemPerHour, RateLimitItemPerSecond
+from limits.storage import RedisStorage
+from limits.strategies import MovingWindowRateLimiter
 
-from tasks.budget import SlidingLogBudget
+from tasks.budget import RedisLog, SlidingLogBudget
 from tasks.keys import Keys
 from tasks.redis_conn import connect
 from tasks.settings import Settings
@@ -68,39 +72,49 @@ def main() -> None:
 
     client = connect(Settings(redis_url=args.url))
     keys = Keys(f"hp-bench-{uuid.uuid4().hex[:12]}")
-    # Granted path: a huge capacity so every take is granted; a 1 s window keeps the log at
-    # one second of calls (thousands of entries, more than production's few hundred).
-    granted = SlidingLogBudget(client, keys, capacity=10**9, window_seconds=1.0)
+    log = RedisLog(client, keys)
+    # Granted path: a capacity above the calls a run can make, so every take is granted.
+    granted = SlidingLogBudget(log, capacity=1000, window_seconds=0.001)
+    granted.initialise(1)
     # Refused path: production settings with the budget spent.
-    refused = SlidingLogBudget(client, keys, capacity=100, window_seconds=60.0)
+    refused = SlidingLogBudget(log, capacity=100, window_seconds=60.0)
+    refused.initialise(2)
     refused.take(2, 100)
     counter = f"{keys.prefix}:incr"
+    # limits' moving window on the same Redis: the granted path with room to spare, the
+    # refused path with its window full.
+    moving = MovingWindowRateLimiter(RedisStorage(args.url))
+    roomy, full = RateLimitItemPerSecond(10**9), RateLimitItemPerHour(100)
+    for _ in range(100):
+        moving.hit(full, keys.prefix, "full")
 
     rows: list[tuple[str, int, float, float]] = []
-    cases = (("take, granted", granted, 1), ("take, refused", refused, 2))
-    log_size = 0
+    cases: tuple[tuple[str, Callable[[], object]], ...] = (
+        ("take, granted", partial(granted.take, 1)),
+        ("take, refused", partial(refused.take, 2)),
+        ("limits moving window, granted", partial(moving.hit, roomy, keys.prefix, "roomy")),
+        ("limits moving window, refused", partial(moving.hit, full, keys.prefix, "full")),
+    )
     try:
         for threads in (1, args.threads):
             # Interleave baseline and takes, median of repeats: other load on the machine then
             # weighs on both sides of the ratio alike.
             samples: dict[str, list[float]] = {"INCR (baseline)": []}
-            samples.update({label: [] for label, _, _ in cases})
+            samples.update({label: [] for label, _ in cases})
             for _ in range(args.repeats):
                 incr = rate(lambda: client.incr(counter), args.seconds, threads)
                 samples["INCR (baseline)"].append(incr)
-                for label, bucket, conn in cases:
-                    took = rate(partial(bucket.take, conn), args.seconds, threads)
-                    samples[label].append(took)
-                    if label == "take, granted":
-                        log_size = max(log_size, client.zcard(keys.budget_log(1)))
+                for label, call in cases:
+                    samples[label].append(rate(call, args.seconds, threads))
             baseline = statistics.median(samples["INCR (baseline)"])
             for label, values in samples.items():
                 per_second = statistics.median(values)
                 rows.append((label, threads, per_second, per_second / baseline))
         server = client.info("server")
     finally:
-        for key in client.scan_iter(match=f"{keys.prefix}*", count=1000):
-            client.delete(key)
+        for pattern in (f"{keys.prefix}*", f"*{keys.prefix}*"):
+            for key in client.scan_iter(match=pattern, count=1000):
+                client.delete(key)
 
     print(f"date: {datetime.now(UTC).date().isoformat()}")
     print(
@@ -111,11 +125,10 @@ def main() -> None:
         "reproduce: python -m benchmarks.bucket_throughput "
         f"--seconds {args.seconds:g} --repeats {args.repeats} --threads {args.threads}"
     )
-    print(f"granted path: log held up to {log_size} entries (1 s window)")
     print(f"median of {args.repeats} runs of {args.seconds:g} s each")
-    print(f"{'operation':<18} {'threads':>7} {'ops/s':>10} {'vs INCR':>8}")
+    print(f"{'operation':<30} {'threads':>7} {'ops/s':>10} {'vs INCR':>8}")
     for label, threads, per_second, ratio in rows:
-        print(f"{label:<18} {threads:>7} {per_second:>10,.0f} {ratio:>8.2f}")
+        print(f"{label:<30} {threads:>7} {per_second:>10,.0f} {ratio:>8.2f}")
 
 
 def redis_location(client: redis.Redis) -> str:

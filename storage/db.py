@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -42,6 +42,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.errors import NeedsAttention, StorageUnavailable, ValidationError
 from storage.models import Base
+
+T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -130,6 +132,9 @@ class Database:
         self.url = make_url(url)
         self.engine = self._create_engine(engine_options)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._readonly = sessionmaker(
+            self.engine.execution_options(hipchat_readonly=True), expire_on_commit=False
+        )
 
     @property
     def dialect(self) -> str:
@@ -138,7 +143,9 @@ class Database:
     def _create_engine(self, options: dict[str, Any]) -> Engine:
         options.setdefault("hide_parameters", True)
         if self.url.get_backend_name() != "sqlite":
-            options.setdefault("pool_pre_ping", True)
+            # No pre-ping (a round trip per checkout): a connection the server dropped fails
+            # its first statement instead, is thrown away, and the unit of work is retried
+            # once (see session(retry_disconnect=True)) or by its task.
             return create_engine(self.url, **options)
         connect_args = options.setdefault("connect_args", {})
         connect_args.setdefault("check_same_thread", False)
@@ -150,10 +157,26 @@ class Database:
         return engine
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A session whose transaction commits when the block ends and rolls back on error."""
-        with translated(), self._sessions() as session, session.begin():
+    def session(self, *, readonly: bool = False) -> Iterator[Session]:
+        """A session whose transaction commits when the block ends and rolls back on error.
+
+        ``readonly``: the block only reads (on SQLite it then takes no write lock)."""
+        sessions = self._readonly if readonly else self._sessions
+        with translated(), sessions() as session, session.begin():
             yield session
+
+    def read(self, unit: Callable[[Session], T]) -> T:
+        """Run a read-only unit of work; once more if the server had dropped the pooled
+        connection it was given (a restarted PostgreSQL), which pre-ping would have caught."""
+        with translated():
+            try:
+                with self._readonly() as session, session.begin():
+                    return unit(session)
+            except exc.DBAPIError as error:
+                if not error.connection_invalidated:
+                    raise
+            with self._readonly() as session, session.begin():
+                return unit(session)
 
     def upgrade(self, revision: str = "head") -> None:
         """Migrate to ``revision``; safe to run again and from several processes at once.
@@ -239,6 +262,9 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(connection: Any) -> None:
+    if connection.get_execution_options().get("hipchat_readonly"):
+        connection.exec_driver_sql("BEGIN")  # a reader waits for no writer (WAL)
+        return
     # IMMEDIATE takes the write lock up front. A deferred transaction that reads and then
     # writes fails at once with SQLITE_BUSY if another writer committed in between, and
     # busy_timeout cannot help it; almost every transaction of ours writes.

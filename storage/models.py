@@ -217,6 +217,8 @@ class ConnectionHealth(Base):
     failing_since: Mapped[datetime | None]
     rooms: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)
     ratelimit: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)
+    # The streams the last poll did not reach ("history:10001", ...): read first next time.
+    behind: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class KnownRoom(Base):

@@ -89,6 +89,7 @@ def add_subscription(
     target: dict[str, Any],
     backfill: int = 0,
     name: str | None = None,
+    include_own: bool = False,
 ) -> Subscription:
     errors = subscription_errors(event, room, target_kind, target, backfill) + name_errors(name)
     if errors:
@@ -105,6 +106,7 @@ def add_subscription(
         backfill=backfill,
         state="active",
         name=name,
+        include_own=bool(include_own),
     )
     duplicate = f"this connection already has a subscription named {name!r}"
     with translated(duplicate), s.begin_nested():

@@ -1,8 +1,9 @@
 -- Record HipChat's own budget for one connection: at most `remaining` more calls until reset.
 --
--- KEYS[1]  hash {remaining, reset_at_us}: the ceiling that budget_take.lua enforces and counts down
+-- KEYS[1]  hash, the budget's state: remaining and reset (microseconds) are written here;
+--          budget_take.lua enforces them and counts them down as it grants calls
 -- ARGV[1]  remaining, >= 0 (0 for a 429)
--- ARGV[2]  reset_at_us: when HipChat's window resets, epoch microseconds
+-- ARGV[2]  reset: when HipChat's window resets, epoch microseconds
 -- ARGV[3]  "429" when HipChat refused a call, "headers" for X-Ratelimit-* on any response
 --
 -- Returns 1 if the ceiling changed, 0 if the report was ignored.
@@ -15,37 +16,34 @@
 --     did not see;
 --   * headers with a later reset: a new window, replace;
 --   * headers with an earlier reset: a late response from an older window, ignored;
---   * a 429 means zero now whatever we believed: zero until its reset, unless a stored zero
---     already lasts longer.
+--   * a 429 means zero now, whatever earlier headers said: zero until its reset, unless a
+--     stored zero already lasts longer.
 
 local key = KEYS[1]
 local remaining = tonumber(ARGV[1])
-local reset_at = tonumber(ARGV[2])
+local reset = tonumber(ARGV[2])
 local refused = ARGV[3] == '429'
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-if reset_at <= now then
+if reset <= now then
   return 0
 end
 
-local cur = redis.call('HMGET', key, 'remaining', 'reset_at_us')
+local cur = redis.call('HMGET', key, 'remaining', 'reset')
 if cur[1] and cur[2] and tonumber(cur[2]) > now then
   local cur_remaining, cur_reset = tonumber(cur[1]), tonumber(cur[2])
   if refused then
-    if cur_remaining <= 0 and cur_reset >= reset_at then
+    if cur_remaining <= 0 and cur_reset >= reset then
       return 0
     end
-  elseif reset_at < cur_reset then
+  elseif reset < cur_reset then
     return 0
-  elseif reset_at == cur_reset then
-    if remaining >= cur_remaining then
-      return 0
-    end
+  elseif reset == cur_reset and remaining >= cur_remaining then
+    return 0
   end
 end
 
 redis.call('HSET', key, 'remaining', string.format('%.0f', remaining),
-  'reset_at_us', string.format('%.0f', reset_at))
-redis.call('PEXPIRE', key, string.format('%.0f', math.ceil((reset_at - now) / 1000)))
+  'reset', string.format('%.0f', reset))
 return 1

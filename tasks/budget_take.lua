@@ -1,33 +1,50 @@
--- Take n calls from one connection's budget, or peek at it, in one atomic step.
+-- Take n calls from one connection's budget, reserve them for later, or peek, in one step.
 --
--- KEYS[1]  sorted set, the sliding log: one member per granted call, score = member = the
---          call's stamp in microseconds (Redis TIME, made strictly increasing per key so that
---          members are unique and a clock stepping back never frees anything early)
--- KEYS[2]  hash {remaining, reset_at_us}: HipChat's own ceiling (budget_ceiling.lua writes it)
--- ARGV[1]  capacity C: calls allowed in any window
--- ARGV[2]  window W in microseconds
--- ARGV[3]  n, the calls wanted, 1 <= n <= C (the caller checks)
--- ARGV[4]  "1" to take, "0" to peek (peek writes nothing)
+-- The budget's constants are written into the script when it is loaded (string.Template:
+-- $capacity, $window, $horizon, $tolerance, $grace), so a call sends only what varies.
+--   capacity   C, calls allowed in any window
+--   window     W in microseconds, safety margin included
+--   horizon    microseconds: no reservation is made further ahead than this
+--   tolerance  microseconds: a reservation is honoured from its stamp to stamp + this
+--   grace      microseconds: a call the window allows now but that must be stamped after the
+--              newest stamp (callers within the same microsecond) still goes now, up to this
+--              far ahead
 --
--- Returns {allowed, remaining, retry_after_us}, all integers:
---   allowed         1 if the n calls were granted (peek: would be granted now), else 0
---   remaining       calls still allowed right now, after this take; capped by the ceiling
---   retry_after_us  0 if allowed, else the exact wait until n calls fit, if nobody else
---                   takes meanwhile: the later of "enough logged calls have left the window"
---                   and "HipChat's reset"
+-- KEYS[1]  list, the log: the stamps (Redis TIME, microseconds) of the newest granted or
+--          reserved calls, newest first; stamps strictly decrease along it. It keeps between
+--          2C and 3C of them: C for the rule, C more so that usage can still be counted.
+-- KEYS[2]  hash, the state: epoch (when this budget's log began: its absence means Redis lost
+--          the log), remaining and reset (HipChat's own budget; budget_ceiling.lua writes them)
+-- ARGV[1]  n, the calls wanted, 1 <= n <= C (the caller checks)
+-- ARGV[2]  mode: "take" (now or never), "reserve" (now, or the first moment n calls fit,
+--          written into the log so that later takers queue behind), "peek" (writes nothing)
+-- ARGV[3]  a reservation this caller holds, "<epoch>:<stamp>", or "" for none
 --
--- A call stamped s counts while s > now - W, so any two granted calls C apart in the log are
--- at least W apart: no half-open window of W microseconds ever holds more than C calls.
+-- Returns 0 when the calls are granted now (a held reservation that is due counts as this);
+-- a positive integer when refused: the microseconds until n calls fit, if nobody else takes
+-- first; or, when reserved, {wait_us, stamp, epoch}: call in wait_us, holding
+-- "<epoch>:<stamp>". (Plain integers keep the common answers cheap to send and to read.)
+--
+-- Rules, for every window of W microseconds to hold at most C stamps:
+--   * a new stamp s must satisfy s >= (the C-n+1-th newest stamp) + W;
+--   * s is also after the newest stamp, so reservations queue in order and nobody jumps them;
+--   * while HipChat's remaining (if its reset is still ahead) is below n, s waits for reset.
+-- A missing state means the log was lost (Redis restarted empty, or was flushed): up to C
+-- calls may have gone out in the last W, so the whole next window is refused (the state is
+-- written with remaining 0 until now + W). budget.py's initialise() writes a fresh state for a
+-- new connection, which has made no calls.
 
-local log, ceiling = KEYS[1], KEYS[2]
-local capacity = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local take = ARGV[4] == '1'
+local log, state = KEYS[1], KEYS[2]
+local capacity = $capacity
+local window = $window
+local horizon = $horizon
+local tolerance = $tolerance
+local grace = $grace
+local n = tonumber(ARGV[1])
+local mode = ARGV[2]
+local held = ARGV[3]
 
-local unpack = table.unpack or unpack
-
--- Numbers go to Redis as integer strings: Lua's default formatting would round microsecond
+-- Stamps go to Redis as integer strings: Lua's default formatting would round microsecond
 -- stamps (16 digits) to 14 significant digits.
 local function int(x)
   return string.format('%.0f', x)
@@ -35,57 +52,70 @@ end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local since = '(' .. int(now - window)
 
-local used
-if take then
-  -- Forget calls that left the window; then the log holds exactly the calls that count.
-  redis.call('ZREMRANGEBYSCORE', log, '-inf', int(now - window))
-  used = redis.call('ZCARD', log)
-else
-  used = redis.call('ZCOUNT', log, since, '+inf')
+local st = redis.call('HMGET', state, 'epoch', 'remaining', 'reset')
+if not st[1] then
+  if mode == 'peek' then
+    return window
+  end
+  redis.call('DEL', log)
+  redis.call('HSET', state, 'epoch', int(now), 'remaining', '0', 'reset', int(now + window))
+  st = {int(now), '0', int(now + window)}
 end
-local free = math.max(capacity - used, 0)
-local wait = 0
+local epoch = st[1]
+local reset = tonumber(st[3] or '0')
+local capped = st[2] and reset > now
+local remaining = capped and tonumber(st[2]) or 0
 
-if used + n > capacity then
-  -- The call that must leave the window first is the (used + n - C)-th oldest still in it.
-  local oldest = redis.call('ZRANGEBYSCORE', log, since, '+inf', 'WITHSCORES', 'LIMIT',
-    used + n - capacity - 1, 1)
-  wait = tonumber(oldest[2]) + window - now
-end
-
-local cap = redis.call('HMGET', ceiling, 'remaining', 'reset_at_us')
-local cap_active = cap[1] and cap[2] and tonumber(cap[2]) > now
-if cap_active then
-  local cap_remaining = math.max(tonumber(cap[1]), 0)
-  free = math.min(free, cap_remaining)
-  if cap_remaining < n then
-    wait = math.max(wait, tonumber(cap[2]) - now)
+-- A reservation that is due is the caller's to use: it is already in the log.
+if held ~= '' then
+  local sep = string.find(held, ':', 1, true)
+  local stamp = tonumber(string.sub(held, sep + 1))
+  if string.sub(held, 1, sep - 1) == epoch and now >= stamp and now <= stamp + tolerance then
+    if capped and remaining < n then
+      return reset - now
+    end
+    if capped and mode ~= 'peek' then
+      redis.call('HINCRBY', state, 'remaining', -n)
+    end
+    return 0
   end
 end
 
-if wait > 0 then
-  return {0, free, wait}
+local earliest = now
+local bound = redis.call('LINDEX', log, capacity - n)
+if bound and tonumber(bound) + window > earliest then
+  earliest = tonumber(bound) + window
 end
-if not take then
-  return {1, free, 0}
+if capped and remaining < n and reset > earliest then
+  earliest = reset
+end
+-- The window and HipChat allow no early call; the newest stamp only orders (the grace).
+local forbidden = earliest > now
+local newest = redis.call('LINDEX', log, 0)
+if newest and tonumber(newest) + 1 > earliest then
+  earliest = tonumber(newest) + 1
+end
+local waits = forbidden or earliest - now > grace
+
+if waits and (mode ~= 'reserve' or earliest - now > horizon) then
+  return earliest - now
+end
+if mode == 'peek' then
+  return 0
 end
 
-local newest = redis.call('ZRANGE', log, -1, -1, 'WITHSCORES')
-local stamp = now
-if newest[2] and tonumber(newest[2]) >= stamp then
-  stamp = tonumber(newest[2]) + 1
-end
-local args = {}
+local stamps = {}
 for i = 0, n - 1 do
-  args[#args + 1] = int(stamp + i)
-  args[#args + 1] = int(stamp + i)
+  stamps[#stamps + 1] = int(earliest + i)
 end
-redis.call('ZADD', log, unpack(args))
--- The log is needed until its newest call leaves the window; then it vanishes by itself.
-redis.call('PEXPIRE', log, int(math.ceil((stamp + n - 1 + window - now) / 1000)))
-if cap_active then
-  redis.call('HINCRBY', ceiling, 'remaining', int(-n))
+if redis.call('LPUSH', log, unpack(stamps)) > 3 * capacity then
+  redis.call('LTRIM', log, 0, 2 * capacity - 1)
 end
-return {1, free - n, 0}
+if capped and earliest < reset then
+  redis.call('HINCRBY', state, 'remaining', -n)
+end
+if waits then
+  return {earliest - now, earliest, epoch}
+end
+return 0

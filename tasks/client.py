@@ -53,6 +53,7 @@ class HipChatClient:
         user_agent: str | None = None,
         before_request: Callable[[], None] | None = None,
         on_rate_limit: Callable[[RateLimitInfo], None] | None = None,
+        on_refused: Callable[[float], None] | None = None,
         page_size: int = 1000,
     ) -> None:
         self._page_size = inputs.check_max_results(page_size, low=1)
@@ -64,6 +65,7 @@ class HipChatClient:
             user_agent=user_agent,
             before_request=before_request,
             on_rate_limit=on_rate_limit,
+            on_refused=on_refused,
         )
         self.base_url = self._http.base_url
 

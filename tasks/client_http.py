@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
+from http.cookiejar import DefaultCookiePolicy
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -102,11 +103,15 @@ def _check_timeout(timeout: tuple[float, float]) -> tuple[float, float]:
     return connect, read
 
 
-def new_session() -> requests.Session:
+def new_session(pool_maxsize: int = POOL_MAXSIZE) -> requests.Session:
+    """A pooled session that keeps no cookies: one session serves every connection of a
+    worker process (keep-alive across polls), and one token's cookies must never ride along
+    with another's request."""
     session = requests.Session()
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     # max_retries=0: a hidden retry would spend another call of the shared budget behind
     # the caller's back; every RetryLater carries retry_after so the caller decides.
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_MAXSIZE, max_retries=0)
+    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_maxsize, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
@@ -125,6 +130,7 @@ class HttpCore:
         user_agent: str | None,
         before_request: Callable[[], None] | None,
         on_rate_limit: Callable[[RateLimitInfo], None] | None,
+        on_refused: Callable[[float], None] | None = None,
     ) -> None:
         self.base_url = normalise_base_url(base_url)
         self.api_url = self.base_url + "/v2"
@@ -132,6 +138,7 @@ class HttpCore:
         self._timeout = _check_timeout(timeout)
         self._before_request = before_request
         self._on_rate_limit = on_rate_limit
+        self._on_refused = on_refused
         self.last_rate_limit: RateLimitInfo | None = None
         self._owns_session = session is None
         self._session = session if session is not None else new_session()
@@ -214,6 +221,10 @@ class HttpCore:
         text = f"{where}: HTTP {status}: {self._server_text(response)}"
         if status == 429:
             wait, flood = too_many_requests(response.headers, now)
+            if not flood and self._on_refused is not None:
+                # HipChat's word wins: no call of this connection until its reset, from any
+                # worker (flood control is one room's send limit: the caller waits alone).
+                self._on_refused(now + wait)
             kind = "flood control" if flood else "rate limit"
             return RateLimited(f"{text} ({kind}, retry in {wait:.0f} s)", wait, flood_control=flood)
         if status >= 500:

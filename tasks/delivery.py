@@ -6,7 +6,14 @@ must wait (flood control, a webhook down), the drain stops there and is retried 
 wait, leaving the later events pending behind it.
 
 An event is marked delivered after its target succeeded. A crash in between redelivers it
-(at-least-once); the stable ``Idempotency-Key`` lets a receiver drop the repeat.
+(at-least-once); the stable ``Idempotency-Key`` lets a receiver drop the repeat, and a HipChat
+action looks for its own earlier post first (:class:`tasks.actions.Actions`).
+
+A drain that finds another one running does not spin: it leaves a *drain request*
+(``Keys.drain_request``) and tries the lock once more. The holder, after releasing the lock,
+takes the request and drains again. Either the second try gets the lock, or someone holds it
+who will see the request after its release: events committed while a drain was finishing are
+never left for the relay.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ class DrainResult:
     delivered: int = 0
     dead: int = 0
     retry_after: float | None = None  # set when the drain stopped early: drain again then
-    busy: bool = False  # another worker holds this subscription's drain
+    busy: bool = False  # another worker holds this subscription's drain (and was told)
+    reservation: str | None = None  # the call budget reserved for the next attempt
 
 
 def backoff_seconds(
@@ -50,14 +58,31 @@ def backoff_seconds(
     return delay / 2 + jitter
 
 
-def drain(rt: Runtime, subscription_id: int, now: datetime | None = None) -> DrainResult:
-    with rt.leases.drain(subscription_id) as held:
-        if not held:
-            return DrainResult(busy=True)
-        return _drain_locked(rt, subscription_id, now)
+def drain(
+    rt: Runtime,
+    subscription_id: int,
+    now: datetime | None = None,
+    *,
+    reservation: str | None = None,
+) -> DrainResult:
+    """Deliver the subscription's open events in order, as far as they go now.
+    ``reservation``: the call budget an earlier drain reserved for the head event."""
+    for attempt in range(2):
+        with rt.leases.drain(subscription_id) as held:
+            if held:
+                result = _drain_locked(rt, subscription_id, now, reservation)
+        if held:
+            if rt.leases.take_drain_request(subscription_id) and result.retry_after is None:
+                return DrainResult(result.delivered, result.dead, 0.0)  # asked meanwhile
+            return result
+        if attempt == 0:
+            rt.leases.request_drain(subscription_id)
+    return DrainResult(busy=True)
 
 
-def _drain_locked(rt: Runtime, subscription_id: int, now: datetime | None) -> DrainResult:
+def _drain_locked(
+    rt: Runtime, subscription_id: int, now: datetime | None, reservation: str | None
+) -> DrainResult:
     delivered = dead = 0
     with rt.db.session() as s:
         row = subs.get_subscription(s, subscription_id)
@@ -78,14 +103,15 @@ def _drain_locked(rt: Runtime, subscription_id: int, now: datetime | None) -> Dr
                     delivered, dead, (event.next_attempt_at - moment).total_seconds()
                 )
             event_id, payload, attempts = event.id, dict(event.payload), event.attempts
+        held, reservation = reservation, None  # the head event's, used or not
         try:
-            outcome = deliver(rt, sub, payload)
+            outcome = deliver(rt, sub, payload, reservation=held)
         except RetryLater as exc:
             wait = _failed(rt, event_id, attempts + 1, exc, moment)
             if wait is None:
                 dead += 1
                 continue
-            return DrainResult(delivered, dead, wait)
+            return DrainResult(delivered, dead, wait, reservation=getattr(exc, "reservation", None))
         except (InvalidInput, NeedsAttention) as exc:
             _dead(rt, event_id, attempts + 1, f"{type(exc).__name__}: {exc}", moment)
             dead += 1

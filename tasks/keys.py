@@ -17,13 +17,24 @@ class Keys:
         return f"{self.prefix}:{{conn:{connection_id}}}"
 
     def budget_log(self, connection_id: int) -> str:
-        """Sorted set: the calls granted in the last window, scored by their Redis TIME in
-        microseconds (the sliding log :mod:`tasks.budget` enforces)."""
+        """List: the stamps (Redis TIME, microseconds) of the newest calls granted or reserved,
+        newest first, at most the capacity (the sliding log :mod:`tasks.budget` keeps)."""
         return f"{self._conn(connection_id)}:budget-log"
 
-    def budget_ceiling(self, connection_id: int) -> str:
-        """Hash {remaining, reset_at}: HipChat's own budget, which shrinks ours until reset."""
-        return f"{self._conn(connection_id)}:budget-ceiling"
+    def budget_state(self, connection_id: int) -> str:
+        """Hash {epoch, remaining, reset}: when the log began (its absence: the log was lost)
+        and HipChat's own budget, which lowers ours until its reset. No expiry."""
+        return f"{self._conn(connection_id)}:budget"
+
+    def post_intent(self, connection_id: int, operation: str) -> str:
+        """String: when an operation (an action task, a delivery) began posting, so that a
+        redelivery of it looks for its own earlier post (:mod:`tasks.posts`)."""
+        return f"{self._conn(connection_id)}:intent:{operation}"
+
+    def own_posts(self, connection_id: int) -> str:
+        """Sorted set: what the connection posted (message ids, notification fingerprints),
+        scored by when; a poll does not fire on these (:mod:`tasks.posts`)."""
+        return f"{self._conn(connection_id)}:own-posts"
 
     def poll_lease(self, connection_id: int) -> str:
         """String: owner of the running poll of this connection (SET NX PX)."""
@@ -32,6 +43,10 @@ class Keys:
     def poll_slot(self, connection_id: int) -> str:
         """String: marks that this connection was polled in the current interval."""
         return f"{self._conn(connection_id)}:poll-slot"
+
+    def drain_request(self, subscription_id: int) -> str:
+        """String: a drain found the lock busy; its holder drains once more (tasks.delivery)."""
+        return f"{self.prefix}:{{sub:{subscription_id}}}:drain-request"
 
     def drain_lock(self, subscription_id: int) -> str:
         """String lock: one worker at a time drains a subscription's outbox, in order."""

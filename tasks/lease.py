@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # A dead owner's lock frees after this long; a live owner's is renewed every third of it.
 LOCK_TTL_SECONDS = 10.0
+# A drain request outlives any drain that could take it; the relay covers the rest.
+DRAIN_REQUEST_SECONDS = 3600
 
 
 def _ttl_ms(ttl_seconds: float) -> int:
@@ -119,6 +121,29 @@ class Leases:
         key = self._keys.drain_lock(subscription_id)
         with self._holding(key, f"subscription {subscription_id}") as got:
             yield got
+
+    def draining(self, subscription_ids: list[int]) -> set[int]:
+        """Which of these subscriptions a drain holds right now (one pipelined round trip)."""
+        if not subscription_ids:
+            return set()
+        with redis_errors("drain locks", f"{len(subscription_ids)} subscription(s)"):
+            pipe = self._redis.pipeline(transaction=False)
+            for subscription_id in subscription_ids:
+                pipe.exists(self._keys.drain_lock(subscription_id))
+            held = pipe.execute()
+        return {s for s, exists in zip(subscription_ids, held, strict=True) if exists}
+
+    def request_drain(self, subscription_id: int) -> None:
+        """Ask whoever holds the subscription's drain lock to drain once more after it."""
+        with redis_errors("drain request", f"subscription {subscription_id}"):
+            self._redis.set(
+                self._keys.drain_request(subscription_id), b"1", ex=DRAIN_REQUEST_SECONDS
+            )
+
+    def take_drain_request(self, subscription_id: int) -> bool:
+        """True (once) if a drain was requested while the lock was held."""
+        with redis_errors("drain request", f"subscription {subscription_id}"):
+            return self._redis.getdel(self._keys.drain_request(subscription_id)) is not None
 
     def claim_interval(self, connection_id: int, interval_index: int, ttl_seconds: float) -> bool:
         """Claim poll interval ``interval_index``: True once per interval, and never for an

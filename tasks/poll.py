@@ -6,22 +6,32 @@ and the events are built by :mod:`tasks.events`.
 
 Per poll, for each watched room, the room's history is fetched **once** whatever the number
 of triggers on it; the participant list once per room with enter/exit triggers; the room
-list once (every page) when a room-list trigger exists. These streams are read least
-recently polled first (:func:`tasks.poll_plan.plan`), so a budget that runs out mid-poll
-starves none.
-Each stream's new events, its watermark advance and the priming of its subscriptions are
-committed in **one transaction**; the caller enqueues delivery of the returned event ids
-only after that.
+list once (every page) when a room-list trigger exists.
+
+* **The quiet path is the hot path.** The database is read once (:func:`tasks.poll_plan.load`)
+  and written only when a stream changed: new items, a changed participant list or room list,
+  a subscription to prime. The poll's own bookkeeping goes to :class:`tasks.health.HealthBook`,
+  written in batches.
+* **Each stream commits alone**: its new events, its watermark or snapshot and the priming of
+  its subscriptions in one transaction. The caller enqueues delivery of the returned event
+  ids only after that.
+* **A room's failure stays with that room.** A 5xx, a timeout or a malformed answer of one
+  room is recorded in the connection's health and that room is retried on its own after a
+  growing wait (:mod:`tasks.health`); every other room is still read. What stops the whole
+  poll is what concerns the whole connection: the budget, a 429, a bad token, storage down.
+* **No reply loops.** Messages and notifications the connection itself posted
+  (:mod:`tasks.posts`) fire no subscription unless it asks for them (``include_own``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
 from storage import connections as conns
@@ -31,24 +41,33 @@ from storage import subscriptions as subs
 from storage.errors import (
     AuthFailed,
     BadRequest,
+    BucketEmpty,
     Forbidden,
     MalformedResponse,
     NotFound,
+    RateLimited,
+    RetryLater,
+    ServerError,
+    TransportError,
 )
+from storage.health import Health
 from storage.outbox import NewEvent
 from storage.rooms import ParticipantSnapshot, RoomSnapshot
 from storage.vocabulary import ROOM_LIST_ROOM_ID, Event, Stream
-from tasks import diff, events
+from tasks import diff, events, health, posts
 from tasks.client import HipChatClient
 from tasks.diff import HistoryMark
 from tasks.filters import compile_filter
-from tasks.hipchat_types import Message, Room
-from tasks.poll_plan import ConnView, StreamRead, load, plan, resolve_rooms
+from tasks.hipchat_types import Message, Room, UserStub
+from tasks.poll_plan import ConnView, PollState, StreamRead, load, plan, resolve_rooms
 from tasks.rooms_diff import diff_participants, diff_rooms
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import SubView
 
 log = logging.getLogger(__name__)
+
+# Failures of one room (or of the room list) that leave the other rooms to be read.
+ROOM_FAILURES = (ServerError, TransportError, MalformedResponse)
 
 
 @dataclass
@@ -58,13 +77,20 @@ class PollResult:
     # subscription id -> ids of the outbox events this poll committed for it
     dispatch: dict[int, list[int]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)  # streams read (see StreamRead.key)
+    failing: dict[int, str] = field(default_factory=dict)  # room id -> its error, this poll
+    waiting: list[int] = field(default_factory=list)  # failing rooms not tried this time
+    come_back: float | None = None  # seconds until a room failing now is due again
 
     @property
     def status(self) -> str:
         if self.skipped:
             return f"skipped: {self.skipped}"
-        if self.problems:
-            return f"{self.event_count} events; " + "; ".join(self.problems)[:500]
+        failing = [f"room {room}: {error}" for room, error in self.failing.items()]
+        failing += [f"room {room}: backing off" for room in self.waiting]
+        if failing or self.problems:
+            head = "failing" if failing else f"{self.event_count} events"
+            return f"{head}; {'; '.join(failing + self.problems)}"[:500]
         return f"ok: {self.event_count} events"
 
     @property
@@ -73,21 +99,22 @@ class PollResult:
 
 
 class Poll:
-    """The state of one poll: the connection, its client, and what has been found."""
+    """The state of one poll: the connection, its client, what was read and what was found."""
 
     def __init__(
         self,
         rt: Runtime,
-        conn: ConnView,
+        state: PollState,
         client: HipChatClient,
         now: datetime,
-        result: PollResult | None = None,
+        result: PollResult,
     ) -> None:
-        self.rt, self.conn, self.client, self.now = rt, conn, client, now
-        self.result = result if result is not None else PollResult(conn.id)
+        self.rt, self.state, self.client, self.now, self.result = rt, state, client, now, result
+        self.conn: ConnView = state.conn
 
     def poll_stream(self, stream: StreamRead) -> None:
-        """Read one stream, diff it, commit; a room's own failures stay with that room."""
+        """Read one stream, diff it, commit what changed. A room HipChat no longer knows puts
+        its subscriptions in ``error``."""
         try:
             if stream.kind == Stream.HISTORY:
                 self._poll_room_history(stream.room_id, stream.subs)
@@ -99,13 +126,12 @@ class Poll:
             if stream.kind == Stream.ROOMS:
                 raise  # no room to blame: the base URL is wrong
             self.room_gone(stream.room_id, stream.subs)
-        except MalformedResponse as exc:  # nothing is diffed from a bad answer
-            self._malformed(stream.room_id, exc)
 
     # -- history triggers ------------------------------------------------------------
     def _poll_room_history(self, room_id: int, room_subs: list[SubView]) -> None:
         page = self.rt.settings.history_page_size
-        mark = self._watermark(room_id, Stream.HISTORY)
+        mark = self.state.marks.get((room_id, Stream.HISTORY))
+        priming = [s for s in room_subs if not s.primed]
         new_events: list[NewEvent] = []
         if mark is None:
             want = max([s.backfill for s in room_subs] + [1])
@@ -119,17 +145,18 @@ class Poll:
         else:
             new_items = self._fetch_new(room_id, mark, page)
             new_mark = diff.next_watermark(mark if mark.id is not None else None, new_items)
+            own = self._own(room_subs, new_items)
             for sub in room_subs:
                 if sub.primed:
-                    new_events += self._history_events(sub, new_items)
+                    new_events += self._history_events(sub, new_items, own)
                 elif sub.backfill:
                     recent = self.client.latest_history(room_id, max_results=sub.backfill)
                     new_events += self._history_events(
                         sub, diff.backfill_items(recent, sub.backfill)
                     )
-        self._commit(
-            room_id, Stream.HISTORY, new_mark, new_events, [s for s in room_subs if not s.primed]
-        )
+            if not new_items and not priming:
+                return  # nothing changed: nothing to write
+        self._commit(room_id, Stream.HISTORY, new_mark, new_events, priming)
 
     def _fetch_new(self, room_id: int, mark: HistoryMark, page: int) -> list[Message]:
         """Every item after the watermark, oldest first. A watermark without an id was
@@ -160,11 +187,24 @@ class Poll:
     ) -> Iterable[list[Message]]:
         return self.client.iter_history(room_id, date=newest, end_date=oldest)
 
-    def _history_events(self, sub: SubView, items: list[Message]) -> list[NewEvent]:
+    def _own(self, room_subs: Sequence[SubView], items: Sequence[Message]) -> set[str]:
+        """The ids of the items the connection posted itself, when a subscription cares."""
+        if all(s.include_own for s in room_subs):
+            return set()
+        keys = {_post_key(m): m.id for m in items if m.type in ("message", "notification")}
+        if not keys:
+            return set()
+        return {keys[k] for k in self.rt.posts.own(self.conn.id, keys)}
+
+    def _history_events(
+        self, sub: SubView, items: list[Message], own: set[str] | None = None
+    ) -> list[NewEvent]:
         matcher = compile_filter(sub.filter) if sub.filter else None
         found = []
         for msg in items:
             if diff.classify(msg) != sub.event:
+                continue
+            if own and msg.id in own and not sub.include_own:
                 continue
             matches: list[str] | None = None
             if matcher is not None:
@@ -185,18 +225,24 @@ class Poll:
     # -- participant triggers -----------------------------------------------------------
     def _poll_room_participants(self, room_id: int, room_subs: list[SubView]) -> None:
         current = self.client.participants(room_id)
+        known = self.state.participants.get(room_id, {})
+        primed = (room_id, Stream.PARTICIPANTS) in self.state.marks
+        unchanged = {u.id: ParticipantSnapshot.of(u) for u in current} == known
+        priming = [x for x in room_subs if not x.primed]
+        if primed and unchanged and not priming:
+            return  # the quiet path: read in the poll's one read transaction, nothing to write
         # Baseline, diff, new baseline and events in one transaction, the generation read
         # first: a concurrent poll that commits meanwhile cannot pair our old generation
         # with its new baseline (see _generation).
         with self.rt.db.session() as s:
             generation = _generation(s, self.conn.id, room_id, Stream.PARTICIPANTS)
-            known = room_store.known_participants(s, self.conn.id, room_id)
+            stored = room_store.known_participants(s, self.conn.id, room_id)
             found: list[NewEvent] = []
             if generation is not None:
                 entered, exited = diff_participants(
                     {
                         uid: {"id": uid, "name": p.name, "mention_name": p.mention_name}
-                        for uid, p in known.items()
+                        for uid, p in stored.items()
                     },
                     current,
                 )
@@ -209,12 +255,14 @@ class Poll:
                 room_id,
                 [ParticipantSnapshot.of(u) for u in current],
                 at=self.now,
-                known=known,
+                known=stored,
             )
-            inserted = self._store(s, found, [x for x in room_subs if not x.primed])
+            inserted = self._store(s, found, priming)
         self._committed(inserted)
 
-    def _participant_event(self, sub: SubView, user: Any, generation: str) -> NewEvent:
+    def _participant_event(
+        self, sub: SubView, user: UserStub | dict[str, Any], generation: str
+    ) -> NewEvent:
         payload = events.participant_event(
             sub.event,
             user,
@@ -228,6 +276,11 @@ class Poll:
     # -- room-list triggers -------------------------------------------------------------
     def _poll_room_list(self, room_subs: list[SubView]) -> None:
         current: list[Room] = self.client.list_rooms(include_private=True, include_archived=True)
+        primed = (ROOM_LIST_ROOM_ID, Stream.ROOMS) in self.state.marks
+        unchanged = {r.id: RoomSnapshot.of(r) for r in current} == (self.state.rooms or {})
+        priming = [x for x in room_subs if not x.primed]
+        if primed and unchanged and not priming:
+            return  # the quiet path
         with self.rt.db.session() as s:  # one transaction, generation first: see above
             generation = _generation(s, self.conn.id, ROOM_LIST_ROOM_ID, Stream.ROOMS)
             stored = room_store.known_rooms(s, self.conn.id)
@@ -248,15 +301,10 @@ class Poll:
             room_store.replace_known_rooms(
                 s, self.conn.id, [RoomSnapshot.of(r) for r in current], at=self.now, known=stored
             )
-            inserted = self._store(s, found, [x for x in room_subs if not x.primed])
+            inserted = self._store(s, found, priming)
         self._committed(inserted)
 
     # -- shared pieces --------------------------------------------------------------------
-    def _watermark(self, room_id: int, stream: str) -> HistoryMark | None:
-        with self.rt.db.session() as s:
-            row = watermarks.get_watermark(s, self.conn.id, room_id, stream)
-            return HistoryMark(row.last_id, row.last_date) if row is not None else None
-
     def _commit(
         self,
         room_id: int,
@@ -265,8 +313,7 @@ class Poll:
         found: list[NewEvent],
         priming: list[SubView],
     ) -> None:
-        # Still empty: (None, EMPTY_DATE) says "looked, saw nothing"; the advance also
-        # refreshes updated_at, which orders the streams of the next poll (see poll_plan).
+        # Still empty: (None, EMPTY_DATE) says "looked, saw nothing".
         mark = mark or HistoryMark(None, watermarks.EMPTY_DATE)
         with self.rt.db.session() as s:
             watermarks.advance_watermark(s, self.conn.id, room_id, stream, mark.id, mark.date)
@@ -287,12 +334,6 @@ class Poll:
         # Only after the transaction committed: a rolled-back event must never be dispatched.
         for subscription_id, event_id in inserted:
             self.result.dispatch.setdefault(subscription_id, []).append(event_id)
-
-    def _malformed(self, room_id: int, exc: MalformedResponse) -> None:
-        # Nothing was diffed or committed: the watermark or snapshot stays where it was and
-        # the next poll tries again.
-        self.result.problems.append(f"room {room_id}: {exc}")
-        log.warning("poll conn=%s room=%s: malformed response: %s", self.conn.id, room_id, exc)
 
     def _new_event(self, sub: SubView, payload: dict[str, Any]) -> NewEvent:
         return NewEvent(
@@ -317,6 +358,13 @@ class Poll:
                 subs.set_subscription_state(s, sub.id, "error", reason)
 
 
+def _post_key(msg: Message) -> str:
+    if msg.type == "notification":
+        label = msg.raw.get("from")
+        return posts.notification_key(msg.text, label if isinstance(label, str) else None)
+    return posts.message_key(msg.id)
+
+
 def _generation(s: Session, conn_id: int, room_id: int, stream: str) -> str | None:
     """The stored snapshot's time: the same for every poll that diffs against it, so a
     redelivered or concurrent poll builds the same idempotency keys. None: not primed.
@@ -335,35 +383,74 @@ def poll_connection(
     now: datetime | None = None,
     *,
     result: PollResult | None = None,
-    done_since: datetime | None = None,
+    done: Iterable[str] = (),
 ) -> PollResult:
-    """Poll one connection once. Raises :class:`RetryLater` subclasses for the task to retry.
+    """Poll one connection once. Raises :class:`RetryLater` subclasses for the task to retry
+    when the whole connection must wait (the budget, a 429, storage down).
 
     Streams are committed one by one, so a poll that raises may already have committed
     events: pass ``result`` to still see them in ``result.dispatch`` then, and on the retry
-    pass ``done_since`` (the first attempt's start) to skip what it did (see :func:`plan`).
+    pass ``done`` (``result.done`` of the earlier attempts) to skip what they read.
     """
     now = now or datetime.now(UTC)
     result = result if result is not None else PollResult(connection_id)
-    loaded = load(rt, connection_id)
-    if loaded is None:
+    state = load(rt, connection_id)
+    if state is None:
         result.skipped = "connection missing or not active"
         return result
-    conn, token, views = loaded
-    if not views:
+    if not state.views:
         result.skipped = "no active subscriptions"
         return result
-    with rt.client(conn.id, conn.base_url, token) as client:
-        poll = Poll(rt, conn, client, now, result)
+    conn = state.conn
+    watched = {v.room_id or ROOM_LIST_ROOM_ID for v in state.views}
+    record = health.forget_rooms(state.health, watched)
+    streams: list[StreamRead] = []
+    position = 0  # the stream being read: where a poll that must wait stopped
+    with rt.client(conn.id, conn.base_url, state.token) as client:
+        poll = Poll(rt, state, client, now, result)
         try:
-            views = resolve_rooms(rt, client, views, lambda view: poll.room_gone(0, [view]))
-            for stream in plan(rt, conn.id, views, done_since):
-                poll.poll_stream(stream)
+            views = resolve_rooms(rt, client, state.views, lambda view: poll.room_gone(0, [view]))
+            streams = plan(views, record.behind, set(done))
+            for position, stream in enumerate(streams):  # noqa: B007 (read on a wait)
+                if health.backing_off(record, stream.room_id, now):
+                    result.waiting.append(stream.room_id)
+                    continue
+                try:
+                    poll.poll_stream(stream)
+                except ROOM_FAILURES as exc:
+                    record = health.room_failed(record, stream.room_id, exc, now)
+                    result.failing[stream.room_id] = str(exc)
+                    log.warning("poll conn=%s room=%s failed: %s", conn.id, stream.room_id, exc)
+                    continue
+                record = health.room_ok(record, stream.room_id)
+                result.done.append(stream.key)
         except (AuthFailed, Forbidden) as exc:
             with rt.db.session() as s:
                 conns.set_connection_state(s, conn.id, "auth_failed", str(exc))
             log.error("poll conn=%s: %s; connection paused until resumed", conn.id, exc)
-            poll.result.problems.append(str(exc))
-    with rt.db.session() as s:
-        conns.record_poll(s, conn.id, now, poll.result.status)
-    return poll.result
+            result.problems.append(str(exc))
+            _record(
+                rt,
+                state.health,
+                health.finished(record, now, result.status, failed=True, behind=[]),
+            )
+            return result
+        except (RetryLater, SoftTimeLimitExceeded) as exc:
+            # The whole connection waits (budget, 429), cannot be served (storage), or the poll
+            # ran out of time: what is not reached goes first next time.
+            behind = [x.key for x in streams[position:] if x.key not in result.done]
+            waiting = isinstance(exc, BucketEmpty | RateLimited)
+            status = f"waiting: {exc}" if waiting else f"failing: {exc}"
+            after = health.finished(record, now, status[:500], failed=not waiting, behind=behind)
+            _record(rt, state.health, after)
+            raise
+    due = [health.retry_at(record, room) for room in result.failing]
+    soonest = min((when for when in due if when is not None), default=None)
+    if soonest is not None:
+        result.come_back = max(0.0, (soonest - now).total_seconds())
+    _record(rt, state.health, health.finished(record, now, result.status, failed=False, behind=[]))
+    return result
+
+
+def _record(rt: Runtime, before: Health, after: Health) -> None:
+    rt.health.record(after, at_once=health.changed(before, after))

@@ -1,41 +1,52 @@
-"""What one poll of a connection reads, and in which order: pure planning plus the loading of
-the connection and its subscriptions.
+"""What one poll of a connection reads, and in which order: the poll's one read transaction
+and pure planning.
 
-* :func:`load`: the connection (with its decrypted token) and its active subscriptions.
+* :func:`load`: in **one** read transaction, the connection (its token decrypted, cached per
+  process), its active subscriptions, its watermarks, its health, and the baselines the
+  participant and room-list diffs compare against. A quiet poll reads nothing else.
 * :func:`resolve_rooms`: every room subscription gets its numeric room id and HipChat's name
   (one lookup per unresolved room, stored, so only the first poll pays it).
 * :func:`plan`: the streams the subscriptions need, each read once whatever the number of
-  triggers on it, the least recently polled first.
+  triggers on it; the streams the last poll could not reach first; streams already done by an
+  earlier attempt of this interval's poll left out.
 """
 
 from __future__ import annotations
 
-import logging
+import threading
 from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any
 
-from storage import connections as conns
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from storage import subscriptions as subs
-from storage import watermarks
 from storage.errors import NotFound
-from storage.models import Watermark
+from storage.health import Health, newest
+from storage.models import (
+    Connection,
+    ConnectionHealth,
+    KnownParticipant,
+    KnownRoom,
+    Subscription,
+    Watermark,
+)
+from storage.rooms import ParticipantSnapshot, RoomSnapshot, room_snapshot
 from storage.vocabulary import (
     HISTORY_EVENTS,
     PARTICIPANT_EVENTS,
     ROOM_LIST_EVENTS,
     ROOM_LIST_ROOM_ID,
+    ConnectionState,
     Stream,
+    SubscriptionState,
 )
 from tasks.client import HipChatClient
+from tasks.diff import HistoryMark
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import SubView
-
-log = logging.getLogger(__name__)
-
-NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,16 +69,111 @@ class StreamRead:
     room_id: int
     subs: list[SubView]
 
+    @property
+    def key(self) -> str:
+        """``"history:10001"``: names the stream in the poll task's retries and in health."""
+        return f"{self.kind}:{self.room_id}"
 
-def load(rt: Runtime, connection_id: int) -> tuple[ConnView, str, list[SubView]] | None:
-    """The connection, its token and its active subscriptions; None if it is not active."""
-    with rt.db.session() as s:
-        row = conns.get_connection(s, connection_id)
-        if row is None or row.state != "active":
-            return None
-        token = conns.decrypt_token(row, rt.cipher)
-        views = [SubView.of(x) for x in subs.active_subscriptions(s, connection_id)]
-        return ConnView(row.id, row.name, row.base_url), token, views
+
+@dataclass(slots=True)
+class PollState:
+    """Everything a poll reads from the database, read in one transaction."""
+
+    conn: ConnView
+    token: str
+    views: list[SubView]
+    # (room_id, stream) -> the mark: a history watermark, or a snapshot's priming time
+    marks: dict[tuple[int, str], HistoryMark]
+    health: Health
+    participants: dict[int, dict[int, ParticipantSnapshot]]  # room_id -> user_id -> stored
+    rooms: dict[int, RoomSnapshot] | None  # the stored room list; None when no room trigger
+
+
+class TokenCache:
+    """Decrypted tokens by (connection id, ciphertext), per process: a poll decrypts once per
+    token, not once per poll. A new token has a new ciphertext, so nothing goes stale."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[tuple[int, str], str] = {}
+        self._lock = threading.Lock()
+
+    def get(self, rt: Runtime, connection_id: int, ciphertext: str) -> str:
+        key = (connection_id, ciphertext)
+        token = self._tokens.get(key)
+        if token is None:
+            token = rt.cipher.decrypt(ciphertext)
+            with self._lock:
+                self._tokens = {k: v for k, v in self._tokens.items() if k[0] != connection_id}
+                self._tokens[key] = token
+        return token
+
+
+TOKENS = TokenCache()
+
+
+def load(rt: Runtime, connection_id: int) -> PollState | None:
+    """The poll's one read; None if the connection is gone or not active."""
+    state = rt.db.read(lambda s: _read(s, connection_id))
+    if state is None:
+        return None
+    conn, ciphertext, views, marks, health_row, participants, rooms = state
+    return PollState(
+        conn=conn,
+        token=TOKENS.get(rt, connection_id, ciphertext),
+        views=views,
+        marks=marks,
+        # This process's record not written yet, unless another process wrote a newer one.
+        health=newest(health_row, rt.health.latest(connection_id)) or health_row,
+        participants=participants,
+        rooms=rooms,
+    )
+
+
+def _read(s: Session, connection_id: int) -> tuple[Any, ...] | None:
+    found = s.execute(
+        select(Connection, ConnectionHealth)
+        .outerjoin(ConnectionHealth, ConnectionHealth.connection_id == Connection.id)
+        .where(Connection.id == connection_id)
+    ).one_or_none()
+    if found is None or found[0].state != ConnectionState.ACTIVE:
+        return None
+    row, health_row = found
+    views = [
+        SubView.of(x)
+        for x in s.scalars(
+            select(Subscription)
+            .where(
+                Subscription.connection_id == connection_id,
+                Subscription.state == SubscriptionState.ACTIVE,
+            )
+            .order_by(Subscription.id)
+        )
+    ]
+    marks = {
+        (w.room_id, w.stream): HistoryMark(w.last_id, w.last_date)
+        for w in s.scalars(select(Watermark).where(Watermark.connection_id == connection_id))
+    }
+    participant_rooms = [v.room_id for v in views if v.event in PARTICIPANT_EVENTS and v.room_id]
+    participants: dict[int, dict[int, ParticipantSnapshot]] = defaultdict(dict)
+    if participant_rooms:
+        for p in s.scalars(
+            select(KnownParticipant).where(
+                KnownParticipant.connection_id == connection_id,
+                KnownParticipant.room_id.in_(participant_rooms),
+            )
+        ):
+            participants[p.room_id][p.user_id] = ParticipantSnapshot(
+                p.user_id, p.name, p.mention_name
+            )
+    rooms = None
+    if any(v.event in ROOM_LIST_EVENTS for v in views):
+        rooms = {
+            r.room_id: room_snapshot(r)
+            for r in s.scalars(select(KnownRoom).where(KnownRoom.connection_id == connection_id))
+        }
+    conn = ConnView(row.id, row.name, row.base_url)
+    health = Health.of(health_row, connection_id)
+    return conn, row.token_encrypted, views, marks, health, dict(participants), rooms
 
 
 def resolve_rooms(
@@ -124,32 +230,16 @@ def streams_of(views: list[SubView]) -> list[StreamRead]:
     return streams
 
 
-def order(
-    streams: list[StreamRead],
-    marks: Mapping[tuple[int, str], Watermark],
-    done_since: datetime | None = None,
-) -> list[StreamRead]:
-    """``streams`` the least recently polled first (never polled: first of all); those polled
-    at or after ``done_since`` are left out. Pure: ``marks`` are the connection's watermarks
-    by ``(room_id, stream)``."""
-    polled = {}
-    for stream in streams:
-        mark = marks.get((stream.room_id, stream.kind))
-        polled[(stream.kind, stream.room_id)] = mark.updated_at if mark else NEVER
-    if done_since is not None:
-        streams = [x for x in streams if polled[(x.kind, x.room_id)] < done_since]
-    return sorted(streams, key=lambda x: polled[(x.kind, x.room_id)])  # stable on ties
-
-
 def plan(
-    rt: Runtime, conn_id: int, views: list[SubView], done_since: datetime | None = None
+    views: list[SubView], behind: Collection[str] = (), done: Collection[str] = ()
 ) -> list[StreamRead]:
-    """Every stream the subscriptions need, in :func:`order`.
+    """The streams to read, those the last poll could not reach (``behind``) first, without
+    those an earlier attempt of this interval's poll already read (``done``).
 
-    A poll that runs out of budget stops (BucketEmpty) and the next one starts again: in a
-    fixed order the streams at the end would never be reached. ``done_since`` is when an
-    earlier attempt of the same interval's poll started: what it did is not done twice.
-    """
-    with rt.db.session() as s:
-        marks = watermarks.connection_watermarks(s, conn_id)
-    return order(streams_of(views), marks, done_since)
+    A poll that runs out of budget stops and comes back for the rest; should the rest wait
+    for the next interval, ``behind`` keeps the streams at the end of a fixed order from
+    never being reached."""
+    streams = [x for x in streams_of(views) if x.key not in done]
+    first = {key: i for i, key in enumerate(behind)}
+    # Those left behind in the order they were left, then the rest in their fixed order.
+    return sorted(streams, key=lambda x: first.get(x.key, len(first)))

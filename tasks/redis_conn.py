@@ -40,7 +40,7 @@ STORAGE_RETRY_AFTER_SECONDS = 2.0
 # Redis could not serve the command; trying again later may work. Any other RedisError
 # (WRONGTYPE, a Lua error, a bad argument) is a bug: retrying it every few seconds would only
 # hide it, so it propagates unchanged.
-_UNAVAILABLE: tuple[type[redis.RedisError], ...] = (
+UNAVAILABLE: tuple[type[redis.RedisError], ...] = (
     redis.ConnectionError,  # includes BusyLoadingError, AuthenticationError
     redis.TimeoutError,
     redis.exceptions.ReadOnlyError,  # failover: we reached a replica
@@ -64,12 +64,17 @@ def redis_errors(action: str, about: str) -> Iterator[None]:
     names what the command was for (``"connection 7"``, ``"subscription 3"``)."""
     try:
         yield
-    except _UNAVAILABLE as exc:
-        detail = _PASSWORD_ARG.sub(r"\1***", _URL_CREDENTIALS.sub("***@", str(exc)))
-        raise StorageUnavailable(
-            f"Redis unavailable during {action} for {about}: {type(exc).__name__}: {detail}",
-            retry_after=STORAGE_RETRY_AFTER_SECONDS,
-        ) from exc
+    except UNAVAILABLE as exc:
+        raise unavailable(exc, action, about) from exc
+
+
+def unavailable(exc: redis.RedisError, action: str, about: str) -> StorageUnavailable:
+    """The :class:`StorageUnavailable` for ``exc``; its text never carries a password."""
+    detail = _PASSWORD_ARG.sub(r"\1***", _URL_CREDENTIALS.sub("***@", str(exc)))
+    return StorageUnavailable(
+        f"Redis unavailable during {action} for {about}: {type(exc).__name__}: {detail}",
+        retry_after=STORAGE_RETRY_AFTER_SECONDS,
+    )
 
 
 _server: fakeredis.FakeServer | None = None

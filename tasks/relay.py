@@ -39,13 +39,17 @@ def dispatch(rt: Runtime, events: Dispatch, send_drain: SendDrain, now: datetime
 def relay(rt: Runtime, send_drain: SendDrain, now: datetime) -> int:
     """Re-send a drain for each subscription with events left behind; the number of events.
 
-    The events are marked in the transaction that selected them (SKIP LOCKED on PostgreSQL),
-    so two relays running at once split them instead of both sending them."""
+    A subscription whose drain lock is held is left alone: a live drain is at work (a dead
+    one's lock frees within seconds, and the next relay sends it). The events are marked in
+    the transaction that selected them (SKIP LOCKED on PostgreSQL), so two relays running at
+    once split them instead of both sending them."""
     cutoff = now - timedelta(seconds=rt.settings.relay_min_age_seconds)
     found: Dispatch = {}
     with rt.db.session() as s:
         for event in outbox.undispatched(s, older_than=cutoff, limit=RELAY_BATCH):
             found.setdefault(event.subscription_id, []).append(event.id)
+        for busy in rt.leases.draining(list(found)):
+            del found[busy]
         outbox.mark_dispatched(s, [i for ids in found.values() for i in ids], now)
     for subscription_id in found:
         send_drain(subscription_id)

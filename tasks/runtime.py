@@ -17,13 +17,17 @@ import requests
 
 from storage.crypto import TokenCipher, load_or_create_key
 from storage.db import Database
-from tasks.budget import SlidingLogBudget
+from tasks.budget import Gate, LogBackend, RedisLog, SlidingLogBudget
+from tasks.budget_sqlite import SqliteLog
 from tasks.client import HipChatClient
-from tasks.hipchat_types import RateLimitInfo
+from tasks.client_http import new_session
+from tasks.health import HealthBook
 from tasks.keys import Keys
 from tasks.lease import Leases
+from tasks.posts import Posts, RedisPosts, SqlitePosts
 from tasks.redis_conn import connect
 from tasks.settings import Settings
+from tasks.shared_file import SharedFile
 
 _ATTR = "hipchat_runtime"
 
@@ -50,6 +54,14 @@ class Runtime:
             runtime = cls.attach(app, runtime.settings)
         return runtime
 
+    def close(self) -> None:
+        """Write pending health records and close the database's connections (the pieces not
+        built yet are left alone)."""
+        if "health" in self.__dict__:
+            self.health.stop()
+        if "db" in self.__dict__:
+            self.db.dispose()
+
     # -- pieces ---------------------------------------------------------------------------
     @cached_property
     def keys(self) -> Keys:
@@ -71,31 +83,53 @@ class Runtime:
 
     @cached_property
     def budget(self) -> SlidingLogBudget:
+        """Redis with Redis configured; else the data directory's SQLite file, shared by
+        every process of the embedded mode (run, the action commands, the Python API)."""
+        if self.settings.embedded:
+            return self.budget_on(SqliteLog(self.shared_file))
+        return self.budget_on(RedisLog(self.redis, self.keys))
+
+    @cached_property
+    def shared_file(self) -> SharedFile:
+        """The embedded mode's state shared by its processes (unused with Redis)."""
+        return SharedFile(self.settings.data_dir)
+
+    @cached_property
+    def posts(self) -> Posts:
+        """What each connection posted: intents and own posts (tasks.posts)."""
+        if self.settings.embedded:
+            return SqlitePosts(self.shared_file)
+        return RedisPosts(self.redis, self.keys)
+
+    def budget_on(self, backend: LogBackend) -> SlidingLogBudget:
         return SlidingLogBudget(
-            self.redis,
-            self.keys,
+            backend,
             capacity=self.settings.bucket_capacity,
             window_seconds=self.settings.bucket_window_seconds,
+            margin_seconds=self.settings.bucket_margin_seconds,
         )
 
     @cached_property
+    def health(self) -> HealthBook:
+        """The health records of this process's polls, written in batches."""
+        return HealthBook(self.db)
+
+    @cached_property
     def http(self) -> requests.Session:
-        """Pooled session for webhook deliveries (HipChat calls use HipChatClient)."""
-        return requests.Session()
+        """This process's pooled HTTP session, for HipChat calls and webhook deliveries alike:
+        connections stay open from one poll to the next (and keep their TLS session)."""
+        return new_session()
 
     @cached_property
     def leases(self) -> Leases:
         return Leases(self.redis, self.keys)
 
-    def client(self, connection_id: int, base_url: str, token: str) -> HipChatClient:
-        """A client whose every request first takes a token from the connection's budget."""
-
-        def before_request() -> None:
-            self.budget.acquire(connection_id)
-
-        def on_rate_limit(info: RateLimitInfo) -> None:
-            self.budget.observe(connection_id, remaining=info.remaining, reset_at=info.reset_at)
-
+    def client(
+        self, connection_id: int, base_url: str, token: str, *, prepaid: int = 0
+    ) -> HipChatClient:
+        """A client whose every request first passes the connection's budget (``prepaid``
+        calls were already taken or reserved by the caller)."""
+        gate = Gate(self.budget, connection_id, prepaid)
         return HipChatClient(
             base_url,
             token,
@@ -103,7 +137,9 @@ class Runtime:
                 self.settings.http_connect_timeout_seconds,
                 self.settings.http_read_timeout_seconds,
             ),
-            before_request=before_request,
-            on_rate_limit=on_rate_limit,
+            session=self.http,
+            before_request=gate.before_call,
+            on_rate_limit=gate.observe,
+            on_refused=gate.refused,
             page_size=self.settings.history_page_size,
         )

@@ -37,8 +37,13 @@ class Settings:
     poll_interval_seconds: float = 60.0
     bucket_capacity: int = 100
     bucket_window_seconds: float = 60.0
-    relay_interval_seconds: float = 30.0
-    relay_min_age_seconds: float = 60.0
+    # Kept on top of the window: HipChat stamps a call when it arrives, a little after the
+    # budget granted it (see tasks.budget).
+    bucket_margin_seconds: float = 1.0
+    # A drain lost with a worker killed mid-delivery is sent again within about
+    # interval + min age (its lock frees in 10 s): every pending event arrives within 30 s.
+    relay_interval_seconds: float = 10.0
+    relay_min_age_seconds: float = 15.0
 
     http_connect_timeout_seconds: float = 5.0
     http_read_timeout_seconds: float = 30.0
@@ -49,6 +54,9 @@ class Settings:
     webhook_backoff_base_seconds: float = 2.0
     webhook_backoff_max_seconds: float = 600.0
     action_max_attempts: int = 10
+    # A message a dead worker held comes back after this long (Redis broker). Longer than
+    # the longest countdown: a budget reservation (15 min at most) or a webhook backoff.
+    broker_visibility_timeout_seconds: float = 3600.0
 
     handlers_module: str | None = None
     log_level: str = "INFO"
@@ -87,6 +95,8 @@ class Settings:
             errors.append("bucket_capacity must be >= 1")
         if self.bucket_window_seconds <= 0:
             errors.append("bucket_window_seconds must be > 0")
+        if self.bucket_margin_seconds < 0:
+            errors.append("bucket_margin_seconds must be >= 0")
         if not 1 <= self.history_page_size <= 1000:
             errors.append("history_page_size must be within 1..1000")
         if self.webhook_max_attempts < 1 or self.action_max_attempts < 1:

@@ -69,6 +69,8 @@ class SubscriptionSpec:
     filter: str | None = None
     backfill: int = 0
     name: str | None = None
+    # Fire on the connection's own posts too (off by default: a reply never answers itself).
+    include_own: bool = False
 
 
 def spec_errors(spec: SubscriptionSpec) -> list[str]:

@@ -34,6 +34,7 @@ class SubView:
     target: dict[str, Any]
     backfill: int
     primed_at: datetime | None
+    include_own: bool = False
 
     @classmethod
     def of(cls, row: Any) -> SubView:
@@ -50,6 +51,7 @@ class SubView:
             target=dict(row.target or {}),
             backfill=row.backfill or 0,
             primed_at=row.primed_at,
+            include_own=bool(row.include_own),
         )
 
     @property
@@ -160,6 +162,7 @@ def create_subscriptions(rt: Runtime, specs: list[SubscriptionSpec]) -> list[Sub
                 target=stored_target(rt, spec.target_kind, spec.target),
                 backfill=spec.backfill,
                 name=spec.name,
+                include_own=spec.include_own,
             )
             if room_id is not None:
                 subs.set_room_id(s, row.id, room_id, canonical)

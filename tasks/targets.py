@@ -45,7 +45,9 @@ def deliver_log(rt: Runtime, sub: SubView, event: dict[str, Any]) -> str:
     return "logged"
 
 
-def deliver_action(rt: Runtime, sub: SubView, event: dict[str, Any]) -> str:
+def deliver_action(
+    rt: Runtime, sub: SubView, event: dict[str, Any], reservation: str | None = None
+) -> str:
     target = sub.target
     fields = {}
     for key in ("message", "from"):
@@ -59,6 +61,8 @@ def deliver_action(rt: Runtime, sub: SubView, event: dict[str, Any]) -> str:
         sub.connection_id,
         str(target["action"]),
         room=room,
+        operation=f"event:{event.get('idempotency_key')}",
+        reservation=reservation,
         **fields,
         color=target.get("color"),
         message_format=target.get("format"),
@@ -69,12 +73,17 @@ def deliver_action(rt: Runtime, sub: SubView, event: dict[str, Any]) -> str:
 TARGETS: dict[str, Target] = {
     TargetKind.WEBHOOK: deliver_webhook,
     TargetKind.LOG: deliver_log,
-    TargetKind.ACTION: deliver_action,
     TargetKind.HANDLER: call_handler,
 }
 
 
-def deliver(rt: Runtime, sub: SubView, event: dict[str, Any]) -> str:
+def deliver(
+    rt: Runtime, sub: SubView, event: dict[str, Any], *, reservation: str | None = None
+) -> str:
+    """Send ``event`` to the subscription's target; a one-line outcome. ``reservation``: the
+    call budget reserved for this delivery by an earlier attempt (HipChat actions only)."""
+    if sub.target_kind == TargetKind.ACTION:
+        return deliver_action(rt, sub, event, reservation)
     target = TARGETS.get(sub.target_kind)
     if target is None:
         raise ValidationError(f"unknown target kind {sub.target_kind!r}")

@@ -12,7 +12,7 @@ import pytest
 import requests
 from cryptography.fernet import Fernet
 
-from storage import connections as conns
+from tasks import connections_api
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 
@@ -35,8 +35,7 @@ def make_runtime(tmp_path: Path, **overrides: Any) -> Runtime:
 
 
 def add_connection(rt: Runtime, name: str, base_url: str, token: str) -> int:
-    with rt.db.session() as s:
-        return conns.add_connection(s, name, base_url, token, rt.cipher).id
+    return connections_api.add_connection(rt, name, base_url, token).id
 
 
 class BodySpy:

@@ -37,6 +37,8 @@ from storage import outbox, watermarks
 from storage import subscriptions as subs
 from storage.models import Connection, OutboxEvent, Subscription, Watermark
 from storage.outbox import NewEvent
+from tasks.budget import RedisLog
+from tasks.connections_api import add_connection
 from tasks.poll import PollResult, poll_connection
 from tasks.runtime import Runtime
 from tasks.settings import Settings
@@ -82,8 +84,10 @@ class Backend:
         return rt
 
     def adopt(self, rt: Runtime) -> Runtime:
-        """Give a Runtime built elsewhere (create_app) this backend's Redis client."""
+        """Give a Runtime built elsewhere (create_app) this backend's Redis client, for the
+        budget too."""
         rt.redis = self.redis
+        rt.budget = rt.budget_on(RedisLog(self.redis, rt.keys))
         self.runtimes.append(rt)
         return rt
 
@@ -110,7 +114,7 @@ def backend_fixture(
         yield found
     for rt in found.runtimes:
         if "db" in rt.__dict__:
-            rt.db.dispose()
+            rt.close()
 
 
 # -- the emulator and the pipeline ----------------------------------------------------------
@@ -224,9 +228,7 @@ class Pipeline:
 def make_pipeline(backend: Backend, server: EmulatorServer, **settings: Any) -> Pipeline:
     rt = backend.runtime(**settings)
     room = server.state.create_room(ROOM, topic="Dev talk")
-    with rt.db.session() as s:
-        row = conns.add_connection(s, CONN, server.base_url, server.admin_token, rt.cipher)
-        conn_id = row.id
+    conn_id = add_connection(rt, CONN, server.base_url, server.admin_token).id
     return Pipeline(backend, rt, server, conn_id, server.admin_token, int(room["id"]))
 
 

@@ -14,13 +14,22 @@ from typing import Any
 
 import pytest
 from celery import Celery, Task
-from celery.exceptions import Retry
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 import tasks.celery_tasks  # noqa: F401  (registers the shared tasks)
 from emulator import EmulatorServer, ManualClock
-from storage.errors import BucketEmpty, NotFound, RateLimited, ValidationError
+from storage.errors import NotFound, RateLimited, ServerError, ValidationError
+from tasks import celery_tasks
+from tasks.actions import Actions
+from tasks.budget import BudgetEmpty, Status
+from tasks.celery_tasks import (
+    FAILURES_HEADER,
+    JITTER_SECONDS,
+    RESERVATION_HEADER,
+)
 from tasks.runtime import Runtime
 from tests.actions_support import add_connection, make_settings
+from tests.waiting import wait_for
 from worker.app import ACTION_QUEUE, create_app
 
 ACTION_TASKS = [
@@ -30,6 +39,9 @@ ACTION_TASKS = [
     "hipchat.action.send_notification",
     "hipchat.action.add_member",
 ]
+
+
+CONN_ID = 1
 
 
 def make_app(tmp_path: Path, server: EmulatorServer, **overrides: Any) -> Celery:
@@ -47,13 +59,14 @@ def app(tmp_path: Path, emulator: EmulatorServer) -> Celery:
     return app
 
 
-def run_as_worker(task: Task, *args: Any) -> Any:
+def run_as_worker(task: Task, *args: Any, headers: dict[str, Any] | None = None) -> Any:
     """Run ``task`` the way a worker does (not eager, not called directly), so that
     ``self.retry`` publishes the retry and raises :class:`Retry` carrying its countdown.
-    (``task.apply()`` would re-run an eager retry at once, without the countdown.)"""
+    (``task.apply()`` would re-run an eager retry at once, without the countdown.)
+    ``headers``: the custom headers of the message, as a retry carries them."""
     task.push_request(
         id="test-task-id", args=list(args), kwargs={}, retries=0, is_eager=False,
-        called_directly=False, delivery_info={},
+        called_directly=False, delivery_info={}, headers=headers,
     )  # fmt: skip
     try:
         return task.run(*args)
@@ -179,20 +192,24 @@ def test_flood_control_retries_after_exactly_the_wait_hipchat_stated(
     limited = retry.__context__
     assert isinstance(limited, RateLimited)
     assert limited.flood_control is True
-    assert retry.when == limited.retry_after  # the countdown is HipChat's wait, unchanged
+    # HipChat's wait, plus a little jitter so that waiting tasks do not all come back at once.
+    assert limited.retry_after <= retry.when <= limited.retry_after + JITTER_SECONDS
     reset = math.ceil(flood_server.state.clock() + 120.0)  # X-FloodControl-Reset
-    assert reset - after <= retry.when <= reset - before  # 120 s, not the 60 s default
+    assert reset - after <= limited.retry_after <= reset - before  # 120 s, not the default
     assert retry.sig is not None
     assert retry.sig.options["countdown"] == retry.when
+    assert retry.sig.options["headers"][FAILURES_HEADER] == 0  # waiting is not failing
     assert list(retry.sig.args) == ["ops", "General", "second"]
     assert flood_server.admin_token not in json.dumps(list(retry.sig.args))
     assert flood_server.admin_token not in str(retry)
 
 
-def test_an_empty_bucket_retries_after_the_buckets_exact_wait(
+def test_a_spent_budget_reserves_the_call_and_the_task_comes_back_for_it(
     tmp_path: Path, emulator: EmulatorServer
 ) -> None:
-    app = make_app(tmp_path, emulator, bucket_capacity=2)
+    app = make_app(
+        tmp_path, emulator, bucket_capacity=2, bucket_window_seconds=1.0, bucket_margin_seconds=0.2
+    )
     task = app.tasks["hipchat.action.get_user"]
     run_as_worker(task, "ops", "@bobb")
     run_as_worker(task, "ops", "@bobb")
@@ -202,30 +219,73 @@ def test_an_empty_bucket_retries_after_the_buckets_exact_wait(
 
     retry = caught.value
     empty = retry.__context__
-    assert isinstance(empty, BucketEmpty)
-    assert 0 < retry.when == empty.retry_after <= 60
+    assert isinstance(empty, BudgetEmpty)
+    assert empty.reservation is not None
+    assert 0 < empty.retry_after <= 1.2  # when the first call leaves the (margined) window
+    assert empty.retry_after <= retry.when <= empty.retry_after + 0.05  # a quarter margin
+    assert retry.sig is not None
+    headers = retry.sig.options["headers"]
+    assert headers == {FAILURES_HEADER: 0, RESERVATION_HEADER: empty.reservation}
     assert len(emulator.state.call_log.select()) == 2
 
+    # Back when the reservation is due: granted without taking again, and nobody who came
+    # in between got that slot.
+    rt = Runtime.of(app)
+    assert rt.budget.take(CONN_ID).status is Status.REFUSED
+    due = time.monotonic() + empty.retry_after
+    wait_for(lambda: time.monotonic() >= due, 5, "the reservation to be due")
+    assert run_as_worker(task, "ops", "@bobb", headers=headers)["mention_name"] == "bobb"
+    assert len(emulator.state.call_log.select()) == 3
 
-def test_an_action_gives_up_after_action_max_attempts(
+
+def test_only_hipchats_failures_count_toward_action_max_attempts(
     tmp_path: Path, emulator: EmulatorServer
 ) -> None:
-    app = make_app(tmp_path, emulator, action_max_attempts=3, bucket_capacity=1)
+    app = make_app(tmp_path, emulator, action_max_attempts=3, bucket_capacity=3)
     task = app.tasks["hipchat.action.get_user"]
-    run_as_worker(task, "ops", "@bobb")  # the bucket's only token
+    emulator.state.inject_fault("status", status=503, path_prefix="/v2/user", count=10)
 
-    def attempt(retries: int) -> Any:
-        task.push_request(
-            id="test-task-id", args=["ops", "@bobb"], kwargs={}, retries=retries,
-            is_eager=False, called_directly=False, delivery_info={},
-        )  # fmt: skip
-        try:
-            return task.run("ops", "@bobb")
-        finally:
-            task.pop_request()
+    def attempt(failures: int) -> Any:
+        return run_as_worker(task, "ops", "@bobb", headers={FAILURES_HEADER: failures})
 
-    for retries in (0, 1):  # attempts 1 and 2 of 3 are retried ...
-        with pytest.raises(Retry):
-            attempt(retries)
-    with pytest.raises(BucketEmpty):  # ... the third one is the last
+    for failures in (0, 1):  # attempts 1 and 2 of 3 are retried ...
+        with pytest.raises(Retry) as caught:
+            attempt(failures)
+        assert caught.value.sig is not None
+        assert caught.value.sig.options["headers"][FAILURES_HEADER] == failures + 1
+    with pytest.raises(ServerError):  # ... the third one is the last
         attempt(2)
+    # The budget is spent now: waiting for it is no failure, even after two failures.
+    with pytest.raises(Retry) as caught:
+        attempt(2)
+    assert isinstance(caught.value.__context__, BudgetEmpty)
+    assert caught.value.sig is not None
+    assert caught.value.sig.options["headers"][FAILURES_HEADER] == 2
+
+
+def test_every_task_has_soft_and_hard_time_limits(tmp_path: Path, emulator: EmulatorServer) -> None:
+    app = make_app(tmp_path, emulator, poll_interval_seconds=60.0)
+    assert tuple(ACTION_TASKS) == celery_tasks.ACTION_TASKS
+    for name in [*ACTION_TASKS, "hipchat.poll_connection", "hipchat.deliver"]:
+        task = app.tasks[name]
+        assert task.soft_time_limit is not None
+        assert task.time_limit == task.soft_time_limit + 30.0
+    # An action makes up to three calls, each within the HTTP timeouts (5 s + 30 s).
+    assert app.tasks["hipchat.action.post_message"].soft_time_limit == 3 * 35.0 + 10.0
+    assert app.conf.broker_transport_options == {"polling_interval": 0.1}  # in-process
+
+
+def test_an_action_past_its_soft_time_limit_is_a_failure_and_retried(
+    tmp_path: Path, emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(tmp_path, emulator)
+    task = app.tasks["hipchat.action.get_user"]
+
+    def too_slow(*args: Any, **kwargs: Any) -> Any:
+        raise SoftTimeLimitExceeded
+
+    monkeypatch.setattr(Actions, "get_user", too_slow)
+    with pytest.raises(Retry) as caught:
+        run_as_worker(task, "ops", "@bobb")
+    assert caught.value.sig is not None
+    assert caught.value.sig.options["headers"][FAILURES_HEADER] == 1

@@ -20,6 +20,7 @@ from storage.errors import (
     ValidationError,
 )
 from tasks.actions import Actions, run_action
+from tasks.posts import message_key, notification_key
 from tasks.runtime import Runtime
 from tests.actions_support import BodySpy, add_connection, make_runtime
 
@@ -394,12 +395,12 @@ def test_every_action_takes_one_token_per_hipchat_call(
     call: Callable[[Actions], object],
     hipchat_calls: int,
 ) -> None:
-    before = rt.budget.peek(conn_id).remaining
+    before = rt.budget.usage(conn_id).used
 
     call(api)
 
     assert calls(emulator) == hipchat_calls
-    assert rt.budget.peek(conn_id).remaining == before - hipchat_calls
+    assert rt.budget.usage(conn_id).used == before + hipchat_calls
 
 
 @pytest.fixture
@@ -425,8 +426,9 @@ def test_an_exhausted_bucket_stops_every_action_before_hipchat(
     with pytest.raises(BucketEmpty) as caught:
         call(small_bucket)
 
-    assert 0 < caught.value.retry_after <= 60
+    assert 0 < caught.value.retry_after <= 61  # the window and its 1 s margin
     assert calls(emulator) == 2  # the refused call never reached HipChat
+    assert small_bucket.rt.budget.usage(small_bucket.connection_id).reserved == 0
 
 
 # -- flood control ---------------------------------------------------------------------------
@@ -499,3 +501,82 @@ def test_run_action_sends_a_notification_with_every_option(
 def test_run_action_refuses_an_unknown_action(rt: Runtime, conn_id: int) -> None:
     with pytest.raises(ValidationError, match="unknown action 'add_member'"):
         run_action(rt, conn_id, "add_member", room="General")
+
+
+# -- once in effect across crashes; own posts ----------------------------------------------------
+
+
+def texts(emulator: EmulatorServer, room: str = "General") -> list[str]:
+    return [m["message"] for m in history(emulator, room)]
+
+
+def test_a_redelivered_post_finds_its_own_earlier_post_and_does_not_post_again(
+    rt: Runtime, conn_id: int, emulator: EmulatorServer
+) -> None:
+    """The worker died after HipChat took the post, before the task was acknowledged: the
+    redelivered task (same id, so same operation) finds the post and does not repeat it."""
+    first = Actions(rt, "ops", operation="task:redelivered").post_message("General", "deploy 42")
+    before = calls(emulator)
+    again = Actions(rt, "ops", operation="task:redelivered").post_message("General", "deploy 42")
+    assert again == {"id": first["id"], "timestamp": again["timestamp"], "repeated": True}
+    assert texts(emulator).count("deploy 42") == 1
+    assert calls(emulator) == before + 1  # one look at the room's history, no post
+
+
+def test_a_post_that_never_reached_hipchat_is_made_on_redelivery(
+    rt: Runtime, conn_id: int, emulator: EmulatorServer
+) -> None:
+    """The worker died after recording its intent, before the POST: nothing to find, so the
+    redelivery posts, once."""
+    assert rt.posts.begin(conn_id, "task:died-before-post") is None
+    sent = Actions(rt, "ops", operation="task:died-before-post").post_message("General", "late")
+    assert "repeated" not in sent
+    assert texts(emulator).count("late") == 1
+
+
+def test_the_same_text_from_someone_else_is_not_taken_for_the_connections_post(
+    rt: Runtime, conn_id: int, api: Actions, emulator: EmulatorServer
+) -> None:
+    """Once the room shows who the connection posts as (a message it remembers posting),
+    a message of the same text by anyone else is not its earlier post."""
+    api.post_message("General", "an earlier post of ours")
+    assert rt.posts.begin(conn_id, "task:crashed") is None  # the attempt that died
+    emulator.state.post_message("General", emulator.state.create_user("Zed")["id"], "same")
+    Actions(rt, "ops", operation="task:crashed").post_message("General", "same")
+    assert texts(emulator).count("same") == 2
+
+
+def test_a_redelivered_notification_is_sent_once(
+    rt: Runtime, conn_id: int, emulator: EmulatorServer
+) -> None:
+    api = Actions(rt, "ops", operation="event:sub:3:m-1")
+    api.send_notification("General", "pong once", from_="bot")
+    again = Actions(rt, "ops", operation="event:sub:3:m-1").send_notification(
+        "General", "pong once", from_="bot"
+    )
+    assert again["repeated"] is True
+    assert texts(emulator).count("pong once") == 1
+
+
+def test_posts_are_remembered_as_the_connections_own(
+    rt: Runtime, conn_id: int, api: Actions
+) -> None:
+    sent = api.post_message("General", "mine")
+    api.send_notification("General", "also mine", from_="bot")
+    keys = [message_key(sent["id"]), notification_key("also mine", "bot"), message_key("other")]
+    assert rt.posts.own(conn_id, keys) == set(keys[:2])
+
+
+def test_the_command_line_waits_for_its_reserved_call(
+    tmp_path: Path, emulator: EmulatorServer, emulator_token: str
+) -> None:
+    rt = make_runtime(
+        tmp_path, bucket_capacity=1, bucket_window_seconds=0.5, bucket_margin_seconds=0.1
+    )
+    add_connection(rt, "ops", emulator.base_url, emulator_token)
+    Actions(rt, "ops").post_message("General", "one")
+    with pytest.raises(BucketEmpty):
+        Actions(rt, "ops").post_message("General", "refused at once")  # the Python API
+    waited = Actions(rt, "ops", wait_up_to=5).post_message("General", "two")
+    assert waited["id"]
+    assert texts(emulator)[-2:] == ["one", "two"]

@@ -1,17 +1,22 @@
-"""The shared per-connection budget, against fakeredis and real Redis (``any_redis``).
+"""The shared per-connection budget: one table of behaviour against every backend.
 
-Real Redis TIME cannot be faked, so exact waits are checked against brackets: Redis TIME read
-just before and just after the calls involved. The script's clock lies inside them, so an
-exact ``retry_after`` must land inside the bracket computed from them (microseconds wide).
+``budget`` runs each test on fakeredis (the Lua script), real Redis (the same script) and the
+embedded SQLite file (the same rules in Python). Real Redis TIME cannot be frozen, so there the
+exact waits are checked against brackets: the backend's clock read just before and just after
+the calls involved. On fakeredis and SQLite the clock is frozen (``frozen``) and every wait is
+checked to the microsecond.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import fakeredis
 import pytest
@@ -20,83 +25,77 @@ from fakeredis.commands_mixins import server_mixin
 from redis.crc import key_slot
 
 from storage.errors import BucketEmpty, RetryLater, StorageUnavailable
-from tasks.budget import SlidingLogBudget, TakeResult
+from tasks import budget_sqlite
+from tasks.budget import BudgetEmpty, Gate, Grant, LogBackend, RedisLog, SlidingLogBudget, Status
+from tasks.budget_sqlite import SqliteLog
+from tasks.hipchat_types import RateLimitInfo
 from tasks.keys import Keys
 from tasks.redis_conn import connect, redis_errors
 from tasks.settings import Settings
+from tasks.shared_file import SharedFile
 from tests.waiting import wait_for
 
 CONN = 42
 HOUR = 3600.0
+GRANTED = Grant(Status.GRANTED)
 
 
-def now_us(r: redis.Redis) -> int:
-    seconds, micros = r.time()
-    return int(seconds) * 1_000_000 + int(micros)
+def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    wait_for(condition, timeout, "the budget's clock")
 
 
 def us(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
 
-def timed(r: redis.Redis, call: Callable[[], TakeResult]) -> tuple[int, TakeResult, int]:
-    """(Redis TIME before, result, Redis TIME after): the script's clock lies between."""
-    before = now_us(r)
-    result = call()
-    return before, result, now_us(r)
+@dataclass
+class Backend:
+    """One backend under test: its log, its clock, and (for Redis) the client."""
+
+    name: str
+    log: LogBackend
+    now_us: Callable[[], int]
+    client: redis.Redis | None = None
+
+    def make(
+        self, capacity: int, window: float = HOUR, margin: float = 0.0, *, fresh: bool = True
+    ) -> SlidingLogBudget:
+        budget = SlidingLogBudget(
+            self.log, capacity=capacity, window_seconds=window, margin_seconds=margin
+        )
+        if fresh:
+            for conn in (CONN, 1, 2, 7):
+                budget.initialise(conn)
+        return budget
+
+    def timed(self, call: Callable[[], Grant]) -> tuple[int, Grant, int]:
+        """(clock before, answer, clock after): the backend's clock lies between."""
+        before = self.now_us()
+        answer = call()
+        return before, answer, self.now_us()
 
 
-@pytest.fixture
-def keys(key_prefix: str) -> Keys:
-    return Keys(key_prefix)
+def redis_now_us(r: redis.Redis) -> int:
+    seconds, micros = r.time()
+    return int(seconds) * 1_000_000 + int(micros)
 
 
-def make(r: redis.Redis, keys: Keys, capacity: int, window: float = HOUR) -> SlidingLogBudget:
-    return SlidingLogBudget(r, keys, capacity=capacity, window_seconds=window)
-
-
-# -- take / peek / acquire / clear ------------------------------------------------------------
-
-
-def test_starts_full_and_grants_exactly_capacity(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=5)
-    results = [bucket.take(CONN) for _ in range(6)]
-    assert [r.allowed for r in results] == [True] * 5 + [False]
-    assert [r.remaining for r in results] == [4.0, 3.0, 2.0, 1.0, 0.0, 0.0]
-    assert [r.retry_after for r in results[:5]] == [0.0] * 5
-    assert 0 < results[5].retry_after <= HOUR
-
-
-def test_take_n_is_all_or_nothing(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=5)
-    assert bucket.take(CONN, 3) == TakeResult(True, 2.0, 0.0)
-    refused = bucket.take(CONN, 3)
-    assert (refused.allowed, refused.remaining) == (False, 2.0)
-    assert bucket.take(CONN, 2) == TakeResult(True, 0.0, 0.0)
-    for bad in (0, -1, 6):
-        with pytest.raises(ValueError, match="n must be within"):
-            bucket.take(CONN, bad)
-
-
-def test_retry_after_is_exact(any_redis: redis.Redis, keys: Keys) -> None:
-    window = us(60.0)
-    bucket = make(any_redis, keys, capacity=3, window=60.0)
-    stamps = [timed(any_redis, lambda: bucket.take(CONN)) for _ in range(3)]
-    # Taking n more needs the n-th oldest call out of the window: its stamp + W - now.
-    cases: list[tuple[int, Callable[[], TakeResult]]] = [
-        (1, lambda: bucket.peek(CONN)),
-        (1, lambda: bucket.take(CONN)),
-        (2, lambda: bucket.take(CONN, 2)),
-    ]
-    for n, call in cases:
-        stamp_lo, _, stamp_hi = stamps[n - 1]
-        lo, result, hi = timed(any_redis, call)
-        assert not result.allowed
-        assert stamp_lo + window - hi <= us(result.retry_after) <= stamp_hi + window - lo
+@pytest.fixture(params=["fakeredis", "redis", "sqlite"])
+def budget(request: pytest.FixtureRequest, key_prefix: str, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        yield Backend("sqlite", SqliteLog(SharedFile(tmp_path)), lambda: time.time_ns() // 1000)
+        return
+    if request.param == "fakeredis":
+        client: redis.Redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    else:
+        client = request.getfixturevalue("real_redis")
+    yield Backend(
+        request.param, RedisLog(client, Keys(key_prefix)), lambda: redis_now_us(client), client
+    )
 
 
 class FrozenClock:
-    """Stands in for the ``time`` module fakeredis's TIME command reads."""
+    """The clock of fakeredis's TIME and of the SQLite backend, set by the test."""
 
     def __init__(self, epoch: float) -> None:
         self.now = epoch
@@ -104,147 +103,309 @@ class FrozenClock:
     def time(self) -> float:
         return self.now
 
+    def time_ns(self) -> int:
+        return round(self.now * 1e6) * 1000  # whole microseconds, as the backends keep
 
-def test_boundaries_to_the_microsecond_on_a_frozen_clock(
-    monkeypatch: pytest.MonkeyPatch, key_prefix: str
-) -> None:
-    """On a fake server the script's clock can be set, so every wait is checked exactly."""
+
+@pytest.fixture(params=["fakeredis", "sqlite"])
+def frozen(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, key_prefix: str, tmp_path: Path
+) -> tuple[Backend, FrozenClock]:
     clock = FrozenClock(1_800_000_000.0)
-    monkeypatch.setattr(server_mixin, "time", clock)
-    r = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    bucket = make(r, Keys(key_prefix), capacity=3, window=60.0)
+    if request.param == "sqlite":
+        monkeypatch.setattr(budget_sqlite, "time", clock)
+        backend = Backend("sqlite", SqliteLog(SharedFile(tmp_path)), lambda: round(clock.now * 1e6))
+    else:
+        monkeypatch.setattr(server_mixin, "time", clock)
+        client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        backend = Backend(
+            "fakeredis", RedisLog(client, Keys(key_prefix)), lambda: round(clock.now * 1e6), client
+        )
+    return backend, clock
+
+
+def refused(wait: float) -> Grant:
+    return Grant(Status.REFUSED, wait)
+
+
+# -- take / peek / acquire ----------------------------------------------------------------------
+
+
+def test_grants_exactly_capacity_then_refuses(budget: Backend) -> None:
+    b = budget.make(capacity=5)
+    answers = [b.take(CONN) for _ in range(6)]
+    assert answers[:5] == [GRANTED] * 5
+    assert answers[5].status is Status.REFUSED
+    assert 0 < answers[5].wait <= HOUR
+
+
+def test_take_n_is_all_or_nothing(budget: Backend) -> None:
+    b = budget.make(capacity=5)
+    assert b.take(CONN, 3) == GRANTED
+    assert b.take(CONN, 3).status is Status.REFUSED
+    assert b.take(CONN, 2) == GRANTED
+    assert b.take(CONN).status is Status.REFUSED
+    for bad in (0, -1, 6):
+        with pytest.raises(ValueError, match="n must be within"):
+            b.take(CONN, bad)
+
+
+def test_exact_waits_to_the_microsecond(frozen: tuple[Backend, FrozenClock]) -> None:
+    backend, clock = frozen
+    b = backend.make(capacity=3, window=60.0)
     start = clock.now
     for offset in (0.0, 1.0, 2.0):
         clock.now = start + offset
-        assert bucket.take(CONN).allowed
+        assert b.take(CONN) == GRANTED
     clock.now = start + 10.0
-    assert bucket.peek(CONN) == TakeResult(False, 0.0, 50.0)
-    assert bucket.take(CONN, 2) == TakeResult(False, 0.0, 51.0)
+    assert b.peek(CONN) == refused(50.0)
+    assert b.take(CONN, 2) == refused(51.0)  # the second-oldest must leave the window too
     clock.now = start + 60.0 - 1e-6
-    assert bucket.take(CONN) == TakeResult(False, 0.0, 1e-6)
+    assert b.take(CONN) == refused(1e-6)
     clock.now = start + 60.0  # the first call leaves the window exactly now
-    assert bucket.take(CONN) == TakeResult(True, 0.0, 0.0)
-    assert bucket.take(CONN) == TakeResult(False, 0.0, 1.0)
-    bucket.observe_429(CONN, reset_at=start + 100.0)
-    assert bucket.peek(CONN) == TakeResult(False, 0.0, 40.0)
+    assert b.take(CONN) == GRANTED
+    assert b.take(CONN) == refused(1.0)
+    b.observe_429(CONN, reset_at=start + 100.0)
+    assert b.peek(CONN) == refused(40.0)
 
 
-def test_waits_agree_as_time_passes(any_redis: redis.Redis, keys: Keys) -> None:
-    """Two answers taken at different moments name the same instant, to the microsecond."""
-    bucket = make(any_redis, keys, capacity=1, window=60.0)
-    assert bucket.take(CONN).allowed
-    lo1, first, hi1 = timed(any_redis, lambda: bucket.peek(CONN))
-    wait_for(lambda: now_us(any_redis) > hi1 + 2_000, 3.0, "2 ms of Redis TIME", step=0.005)
-    lo2, second, hi2 = timed(any_redis, lambda: bucket.peek(CONN))
-    assert second.retry_after < first.retry_after
-    # first.retry_after + t1 == second.retry_after + t2 with t1 in [lo1, hi1], t2 in [lo2, hi2].
-    drift = us(first.retry_after) - us(second.retry_after)
-    assert lo2 - hi1 <= drift <= hi2 - lo1
+def test_the_margin_widens_the_window(frozen: tuple[Backend, FrozenClock]) -> None:
+    """HipChat stamps arrival: with a 2 s margin, C + 1 calls are always 62 s apart here."""
+    backend, clock = frozen
+    b = backend.make(capacity=2, window=60.0, margin=2.0)
+    start = clock.now
+    assert b.take(CONN, 2) == GRANTED
+    clock.now = start + 60.0
+    assert b.take(CONN) == refused(2.0)
+    clock.now = start + 62.0
+    assert b.take(CONN) == GRANTED
 
 
-def test_tokens_come_back_when_the_window_slides(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=2, window=0.2)
-    assert bucket.take(CONN).allowed
-    assert bucket.take(CONN).allowed
-    _, refused, hi = timed(any_redis, lambda: bucket.take(CONN))
-    assert not refused.allowed
-    wait_for(
-        lambda: now_us(any_redis) >= hi + us(refused.retry_after),
-        3.0,
-        "the retry_after to pass in Redis TIME",
-        step=0.005,
-    )
-    assert bucket.take(CONN).allowed
+def test_exact_wait_on_a_real_clock(budget: Backend) -> None:
+    window = us(60.0)
+    b = budget.make(capacity=3, window=60.0)
+    stamps = [budget.timed(lambda: b.take(CONN)) for _ in range(3)]
+    # Taking n more needs the n-th oldest call out of the window: its stamp + W - now.
+    cases: list[tuple[int, Callable[[], Grant]]] = [
+        (1, lambda: b.peek(CONN)),
+        (1, lambda: b.take(CONN)),
+        (2, lambda: b.take(CONN, 2)),
+    ]
+    for n, call in cases:
+        stamp_lo, _, stamp_hi = stamps[n - 1]
+        lo, answer, hi = budget.timed(call)
+        assert answer.status is Status.REFUSED
+        assert stamp_lo + window - hi <= us(answer.wait) <= stamp_hi + window - lo
 
 
-def test_acquire_takes_or_raises_bucket_empty(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=2, window=60.0)
-    stamp_lo = now_us(any_redis)
-    bucket.acquire(CONN)
-    stamp_hi = now_us(any_redis)
-    bucket.acquire(CONN)
-    lo = now_us(any_redis)
-    with pytest.raises(BucketEmpty) as caught:
-        bucket.acquire(CONN)
-    hi = now_us(any_redis)
+def test_calls_come_back_when_the_window_slides(budget: Backend) -> None:
+    b = budget.make(capacity=2, window=0.2)
+    assert b.take(CONN, 2) == GRANTED
+    _, answer, hi = budget.timed(lambda: b.take(CONN))
+    assert answer.status is Status.REFUSED
+    wait_until(lambda: budget.now_us() >= hi + us(answer.wait))
+    assert b.take(CONN) == GRANTED
+
+
+def test_acquire_takes_or_raises_budget_empty(budget: Backend) -> None:
+    b = budget.make(capacity=2, window=60.0)
+    b.acquire(CONN)
+    b.acquire(CONN)
+    with pytest.raises(BudgetEmpty) as caught:
+        b.acquire(CONN)
+    assert isinstance(caught.value, BucketEmpty)
     assert isinstance(caught.value, RetryLater)
-    assert stamp_lo + us(60.0) - hi <= us(caught.value.retry_after) <= stamp_hi + us(60.0) - lo
+    assert 59.0 < caught.value.retry_after <= 60.0
+    assert caught.value.reservation is None
     assert f"connection {CONN}" in str(caught.value)
 
 
-def test_peek_takes_nothing_and_writes_nothing(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=3)
-    assert [bucket.peek(CONN) for _ in range(5)] == [TakeResult(True, 3.0, 0.0)] * 5
-    assert any_redis.exists(keys.budget_log(CONN), keys.budget_ceiling(CONN)) == 0
-    bucket.take(CONN, 3)
-    assert not bucket.peek(CONN).allowed
-    assert bucket.peek(CONN).remaining == 0.0
+def test_peek_writes_nothing(budget: Backend) -> None:
+    b = budget.make(capacity=3)
+    assert [b.peek(CONN) for _ in range(5)] == [GRANTED] * 5
+    assert b.usage(CONN).used == 0
+    assert b.take(CONN, 3) == GRANTED
+    assert b.peek(CONN).status is Status.REFUSED
 
 
-def test_clear_refills_and_drops_the_ceiling(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=2)
-    bucket.take(CONN, 2)
-    bucket.observe_429(CONN, reset_at=time.time() + HOUR)
-    assert not bucket.peek(CONN).allowed
-    bucket.clear(CONN)
-    assert bucket.take(CONN) == TakeResult(True, 1.0, 0.0)
+def test_connections_do_not_share_a_budget(budget: Backend) -> None:
+    b = budget.make(capacity=1)
+    assert b.take(1) == GRANTED
+    assert b.take(2) == GRANTED
+    assert b.take(1).status is Status.REFUSED
 
 
-def test_connections_do_not_share_a_budget(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=1)
-    assert bucket.take(1).allowed
-    assert bucket.take(2).allowed
-    assert not bucket.take(1).allowed
+def test_usage_counts_the_window_and_hipchats_word(budget: Backend) -> None:
+    b = budget.make(capacity=4, window=60.0)
+    b.take(CONN, 3)
+    b.reserve(CONN, 2)  # one fits now, so both wait for the first slot to free: reserved
+    reset = budget.now_us() / 1e6 + 30
+    b.observe(CONN, remaining=7, reset_at=reset)
+    usage = b.usage(CONN)
+    assert (usage.used, usage.reserved, usage.capacity) == (3, 2, 4)
+    assert usage.hipchat_remaining == 7
+    assert usage.hipchat_reset_at == pytest.approx(reset, abs=1e-6)
 
 
-def test_script_keys_share_one_cluster_slot(keys: Keys) -> None:
-    slots = {key_slot(k.encode()) for k in (keys.budget_log(CONN), keys.budget_ceiling(CONN))}
-    assert len(slots) == 1
+# -- reservations: one wait per caller, first come first served ---------------------------------
 
 
-def test_bad_construction_is_refused(any_redis: redis.Redis, keys: Keys) -> None:
-    with pytest.raises(ValueError, match="capacity"):
-        SlidingLogBudget(any_redis, keys, capacity=0)
-    for window in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="window_seconds"):
-            SlidingLogBudget(any_redis, keys, window_seconds=window)
+def test_reservations_queue_in_order(frozen: tuple[Backend, FrozenClock]) -> None:
+    backend, clock = frozen
+    b = backend.make(capacity=3, window=60.0)
+    start = clock.now
+    for offset in (0.0, 1.0, 2.0):
+        clock.now = start + offset
+        assert b.reserve(CONN) == GRANTED  # room now: a reservation is a plain grant
+    clock.now = start + 10.0
+    waits = [b.reserve(CONN) for _ in range(4)]
+    assert [(w.status, w.wait) for w in waits] == [
+        (Status.RESERVED, 50.0),  # when the call at start + 0 leaves the window
+        (Status.RESERVED, 51.0),
+        (Status.RESERVED, 52.0),
+        (Status.RESERVED, 110.0),  # when the first reservation leaves it
+    ]
+    # A newcomer, reserving or not, queues behind every reservation.
+    assert b.take(CONN).wait == pytest.approx(111.0)
+    assert b.reserve(CONN, 2).wait == pytest.approx(112.0 + 1e-6)
 
 
-# -- the guarantee: at most C in ANY window, across threads ---------------------------------
+def test_a_due_reservation_is_granted_without_taking_again(
+    frozen: tuple[Backend, FrozenClock],
+) -> None:
+    backend, clock = frozen
+    b = backend.make(capacity=1, window=60.0, margin=2.0)  # tolerance: 1 s after the stamp
+    start = clock.now
+    assert b.take(CONN) == GRANTED
+    held = b.reserve(CONN)
+    assert (held.status, held.wait) == (Status.RESERVED, 62.0)
+    clock.now = start + 61.0
+    assert b.reserve(CONN, held=held.reservation).status is Status.RESERVED  # too early: anew
+    second = b.reserve(CONN, held=held.reservation)
+    clock.now = start + 62.5
+    assert b.reserve(CONN, held=held.reservation) == GRANTED  # due, within tolerance
+    assert b.usage(CONN).reserved == 2  # the two made at 61 s still wait
+    clock.now = start + second.wait + 61.0 + 1.5  # too late for the second: it takes anew
+    late = b.reserve(CONN, held=second.reservation)
+    assert late.status is Status.RESERVED
+    assert late.reservation != second.reservation
 
 
-def test_race_exactly_capacity_succeed(any_redis: redis.Redis, keys: Keys) -> None:
+def test_reservations_never_go_past_the_horizon(frozen: tuple[Backend, FrozenClock]) -> None:
+    backend, _ = frozen
+    b = backend.make(capacity=1, window=600.0)
+    assert b.take(CONN) == GRANTED
+    assert b.reserve(CONN).status is Status.RESERVED  # 600 s ahead
+    beyond = b.reserve(CONN)  # 1200 s ahead: past the 900 s horizon
+    assert (beyond.status, beyond.wait) == (Status.REFUSED, 1200.0)
+
+
+def test_acquire_with_reserve_raises_the_reservation(budget: Backend) -> None:
+    b = budget.make(capacity=1, window=60.0)
+    b.acquire(CONN, reserve=True)
+    with pytest.raises(BudgetEmpty) as caught:
+        b.acquire(CONN, reserve=True)
+    assert caught.value.reservation is not None
+    assert "reserved in" in str(caught.value)
+
+
+def test_a_burst_of_waiting_callers_drains_at_the_budgets_rate(
+    frozen: tuple[Backend, FrozenClock],
+) -> None:
+    """150 callers, 20 calls per 10 s: each waits once, for its own slot (no retry storm)."""
+    backend, clock = frozen
+    b = backend.make(capacity=20, window=10.0)
+    start = clock.now
+    answers = [b.reserve(CONN) for _ in range(150)]
+    assert sum(a.granted for a in answers) == 20
+    due = sorted(start + a.wait for a in answers)
+    assert due[-1] - start <= 75.0  # 150 calls at 20 per 10 s
+    # Replaying the calls at their slots keeps every 10 s window at 20 at most.
+    for i in range(len(due) - 20):
+        assert due[i + 20] - due[i] >= 10.0 - 1e-6
+
+
+# -- a lost log ---------------------------------------------------------------------------------
+
+
+def test_a_lost_state_refuses_one_window(frozen: tuple[Backend, FrozenClock]) -> None:
+    """Redis restarted empty: up to C calls may have gone out in the last W."""
+    backend, clock = frozen
+    b = backend.make(capacity=3, window=60.0, fresh=False)
+    start = clock.now
+    assert b.peek(CONN) == refused(60.0)  # peek tells, writes nothing
+    assert b.take(CONN) == refused(60.0)
+    clock.now = start + 59.0
+    assert b.take(CONN) == refused(1.0)
+    clock.now = start + 60.0
+    assert b.take(CONN) == GRANTED
+
+
+def test_initialise_starts_a_new_connection_at_once(budget: Backend) -> None:
+    b = budget.make(capacity=2, fresh=False)
+    b.initialise(99)
+    assert b.take(99) == GRANTED
+    b.initialise(99)  # idempotent: the log stays
+    assert b.take(99) == GRANTED
+    assert b.take(99).status is Status.REFUSED
+
+
+def test_a_reservation_from_before_the_loss_is_void(frozen: tuple[Backend, FrozenClock]) -> None:
+    backend, clock = frozen
+    b = backend.make(capacity=1, window=60.0)
+    assert b.take(CONN) == GRANTED
+    held = b.reserve(CONN)
+    b.clear(CONN)  # the state is gone, as after Redis lost its data
+    clock.now += held.wait
+    answer = b.reserve(CONN, held=held.reservation)
+    # Not honoured: the new state's whole first window is refused, so it queues after it.
+    assert (answer.status, answer.wait) == (Status.RESERVED, 60.0)
+    assert answer.reservation != held.reservation
+
+
+def test_clear_forgets_log_and_state(budget: Backend) -> None:
+    b = budget.make(capacity=1)
+    b.take(CONN)
+    b.clear(CONN)
+    b.initialise(CONN)
+    assert b.take(CONN) == GRANTED
+
+
+# -- the guarantee: at most C in ANY window -----------------------------------------------------
+
+
+def test_race_exactly_capacity_succeed(budget: Backend) -> None:
     capacity, threads = 25, 100
-    bucket = make(any_redis, keys, capacity=capacity)
+    b = budget.make(capacity=capacity)
     start = threading.Barrier(threads)
 
     def hammer(_: int) -> bool:
         start.wait()
-        return bucket.take(CONN).allowed
+        return b.take(CONN).granted
 
     with ThreadPoolExecutor(threads) as pool:
         outcomes = list(pool.map(hammer, range(threads)))
     assert outcomes.count(True) == capacity
-    assert bucket.peek(CONN).remaining == 0.0
+    assert b.usage(CONN).used == capacity
 
 
-def test_no_window_ever_holds_more_than_capacity(any_redis: redis.Redis, keys: Keys) -> None:
+def test_no_window_ever_holds_more_than_capacity(budget: Backend) -> None:
     """Four threads hammer for 2.5 windows; no W-long window may hold C + 1 granted calls.
 
     A plain refilling bucket fails this: it grants C at once and C more within the window.
     """
     capacity, window, workers = 5, 0.3, 4
-    bucket = make(any_redis, keys, capacity=capacity, window=window)
-    end = now_us(any_redis) + us(2.5 * window)
+    b = budget.make(capacity=capacity, window=window)
+    end = budget.now_us() + us(2.5 * window)
     granted: list[tuple[int, int]] = []
     lock = threading.Lock()
 
     def hammer() -> None:
         while True:
-            lo, result, hi = timed(any_redis, lambda: bucket.take(CONN))
+            lo, answer, hi = budget.timed(lambda: b.take(CONN))
             if lo > end:
                 return
-            if result.allowed:
+            if answer.granted:
                 with lock:
                     granted.append((lo, hi))
 
@@ -253,120 +414,213 @@ def test_no_window_ever_holds_more_than_capacity(any_redis: redis.Redis, keys: K
         t.start()
     for t in pool:
         t.join()
-
-    # Each call happened inside its bracket. C + 1 calls whose brackets all fit in less than
-    # W would be a violation; find, from each start, the tightest C + 1 brackets.
+    # C + 1 calls whose brackets all fit in less than W would be a violation.
     for start_lo, _ in granted:
         ends = sorted(hi for lo, hi in granted if lo >= start_lo)
         if len(ends) > capacity:
             assert ends[capacity] - start_lo >= us(window), "C + 1 calls within one window"
-    # ... and the budget is used, not starved: a full window refills.
-    assert 2 * capacity <= len(granted) <= 3 * capacity
+    assert 2 * capacity <= len(granted) <= 3 * capacity  # used, not starved
 
 
-# -- HipChat's ceiling ------------------------------------------------------------------------
+def _take_in_a_process(
+    url: str | None, data_dir: str | None, prefix: str, capacity: int, go: multiprocessing.Event
+) -> int:
+    log: LogBackend
+    if url is not None:
+        log = RedisLog(connect(Settings(redis_url=url)), Keys(prefix))
+    else:
+        assert data_dir is not None
+        log = SqliteLog(SharedFile(data_dir))
+    b = SlidingLogBudget(log, capacity=capacity, window_seconds=HOUR)
+    go.wait(30)
+    return sum(b.take(CONN).granted for _ in range(40))
 
 
-def test_observe_caps_calls_until_reset(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=10)
-    reset = (now_us(any_redis) + us(30.0)) / 1_000_000
-    bucket.observe(CONN, remaining=2, reset_at=reset)
-    assert bucket.peek(CONN).remaining == 2.0
-    assert bucket.take(CONN) == TakeResult(True, 1.0, 0.0)
-    assert bucket.take(CONN) == TakeResult(True, 0.0, 0.0)
-    lo, refused, hi = timed(any_redis, lambda: bucket.take(CONN))
-    assert not refused.allowed
-    assert us(reset) - hi <= us(refused.retry_after) <= us(reset) - lo
+@pytest.mark.parametrize("where", ["redis", "sqlite"])
+def test_eight_racing_processes_get_exactly_capacity(
+    where: str, key_prefix: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Eight processes, 40 takes each, one budget of 100 (Redis, or the embedded file that
+    ``run``, the action commands and the Python API share)."""
+    url = None
+    if where == "redis":
+        real = request.getfixturevalue("real_redis")
+        options = real.connection_pool.connection_kwargs
+        url = f"redis://{options['host']}:{options['port']}/{options.get('db', 0)}"
+        log: LogBackend = RedisLog(real, Keys(key_prefix))
+    else:
+        log = SqliteLog(SharedFile(tmp_path))
+    SlidingLogBudget(log, capacity=100).initialise(CONN)
+    context = multiprocessing.get_context("spawn")
+    go = context.Manager().Event()
+    data_dir = None if url else str(tmp_path)
+    with context.Pool(8) as pool:
+        pending = [
+            pool.apply_async(_take_in_a_process, (url, data_dir, key_prefix, 100, go))
+            for _ in range(8)
+        ]
+        go.set()
+        granted = [p.get(timeout=120) for p in pending]
+    assert sum(granted) == 100
 
 
-def test_observe_ignores_missing_or_past_headers(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=3)
-    now = now_us(any_redis) / 1_000_000
-    bucket.observe(CONN, remaining=None, reset_at=now + 30)
-    bucket.observe(CONN, remaining=0, reset_at=None)
-    bucket.observe(CONN, remaining=0, reset_at=now - 1)
-    bucket.observe(CONN, remaining=0, reset_at=float("nan"))
-    assert bucket.peek(CONN) == TakeResult(True, 3.0, 0.0)
-    assert any_redis.exists(keys.budget_ceiling(CONN)) == 0
+# -- HipChat's ceiling --------------------------------------------------------------------------
 
 
-def test_observe_merges_out_of_order_reports(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=100)
-    now = now_us(any_redis) / 1_000_000
-    reset = float(int(now) + 60)  # HipChat's reset is whole epoch seconds
-    bucket.observe(CONN, remaining=10, reset_at=reset)
-    bucket.observe(CONN, remaining=12, reset_at=reset)  # late answer, same window: older count
-    assert bucket.peek(CONN).remaining == 10.0
-    bucket.observe(CONN, remaining=7, reset_at=reset)
-    assert bucket.peek(CONN).remaining == 7.0
-    bucket.observe(CONN, remaining=50, reset_at=reset - 300)  # a previous window: stale
-    assert bucket.peek(CONN).remaining == 7.0
-    bucket.observe(CONN, remaining=50, reset_at=reset + 300)  # the next window
-    assert bucket.peek(CONN).remaining == 50.0
+def test_observe_caps_calls_until_reset(frozen: tuple[Backend, FrozenClock]) -> None:
+    backend, clock = frozen
+    b = backend.make(capacity=10)
+    b.observe(CONN, remaining=2, reset_at=clock.now + 30)
+    assert b.take(CONN) == GRANTED
+    assert b.take(CONN) == GRANTED
+    assert b.take(CONN) == refused(30.0)
+    reserved = b.reserve(CONN)  # a reservation waits for HipChat's reset too
+    assert (reserved.status, reserved.wait) == (Status.RESERVED, 30.0)
 
 
-def test_observe_429_stops_everything_until_reset(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=10)
-    now = now_us(any_redis) / 1_000_000
-    bucket.observe(CONN, remaining=5, reset_at=now + 300)
-    bucket.observe_429(CONN, reset_at=now + 60)  # refused: our 5 were wrong
-    lo, refused, hi = timed(any_redis, lambda: bucket.take(CONN))
-    assert (refused.allowed, refused.remaining) == (False, 0.0)
-    assert us(now + 60) - hi <= us(refused.retry_after) <= us(now + 60) - lo
-    bucket.observe_429(CONN, reset_at=now + 30)  # a shorter zero does not lift the longer one
-    assert bucket.peek(CONN).retry_after > 50
-    bucket.observe(CONN, remaining=3, reset_at=now + 30)  # stale headers change nothing
-    assert not bucket.peek(CONN).allowed
-    # A refused take spent nothing: the log is still empty.
-    assert any_redis.zcard(keys.budget_log(CONN)) == 0
+def test_observe_ignores_missing_or_past_headers(budget: Backend) -> None:
+    b = budget.make(capacity=3)
+    now = budget.now_us() / 1e6
+    b.observe(CONN, remaining=None, reset_at=now + 30)
+    b.observe(CONN, remaining=0, reset_at=None)
+    b.observe(CONN, remaining=0, reset_at=now - 1)
+    b.observe(CONN, remaining=0, reset_at=float("nan"))
+    assert b.take(CONN, 3) == GRANTED
+    assert b.usage(CONN).hipchat_remaining is None
 
 
-def test_retry_after_is_the_later_of_log_and_ceiling(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=1, window=60.0)
-    bucket.take(CONN)
-    now = now_us(any_redis) / 1_000_000
-    bucket.observe_429(CONN, reset_at=now + 10)
-    assert 50 < bucket.peek(CONN).retry_after <= 60  # the log decides
-    bucket.observe_429(CONN, reset_at=now + 90)
-    assert 80 < bucket.peek(CONN).retry_after <= 90  # the ceiling decides
+def test_observe_merges_out_of_order_reports(frozen: tuple[Backend, FrozenClock]) -> None:
+    backend, clock = frozen
+    b = backend.make(capacity=100)
+    reset = float(int(clock.now) + 60)  # HipChat's reset is whole epoch seconds
+    b.observe(CONN, remaining=10, reset_at=reset)
+    b.observe(CONN, remaining=12, reset_at=reset)  # late answer, same window: older count
+    assert b.usage(CONN).hipchat_remaining == 10
+    b.observe(CONN, remaining=7, reset_at=reset)
+    assert b.usage(CONN).hipchat_remaining == 7
+    b.observe(CONN, remaining=50, reset_at=reset - 300)  # a previous window: stale
+    assert b.usage(CONN).hipchat_remaining == 7
+    b.observe(CONN, remaining=50, reset_at=reset + 300)  # the next window
+    assert b.usage(CONN).hipchat_remaining == 50
 
 
-# -- nothing left behind, errors --------------------------------------------------------------
+def test_a_429_stops_everything_until_reset(frozen: tuple[Backend, FrozenClock]) -> None:
+    backend, clock = frozen
+    b = backend.make(capacity=10)
+    now = clock.now
+    b.observe(CONN, remaining=5, reset_at=now + 300)
+    b.observe_429(CONN, reset_at=now + 60)  # refused: our 5 were wrong, whatever they said
+    assert b.take(CONN) == refused(60.0)
+    b.observe_429(CONN, reset_at=now + 30)  # a shorter zero does not lift the longer one
+    assert b.peek(CONN) == refused(60.0)
+    b.observe(CONN, remaining=3, reset_at=now + 30)  # stale headers change nothing
+    assert b.peek(CONN) == refused(60.0)
+    assert b.usage(CONN).used == 0  # a refused take spent nothing
 
 
-def test_keys_expire_when_idle(any_redis: redis.Redis, keys: Keys) -> None:
-    bucket = make(any_redis, keys, capacity=5, window=60.0)
-    bucket.take(CONN)
-    assert 59_000 < any_redis.pttl(keys.budget_log(CONN)) <= 60_000
-    bucket.observe(CONN, remaining=3, reset_at=now_us(any_redis) / 1_000_000 + 30)
-    assert 29_000 < any_redis.pttl(keys.budget_ceiling(CONN)) <= 30_000
+def test_the_later_of_log_and_ceiling_decides(frozen: tuple[Backend, FrozenClock]) -> None:
+    backend, clock = frozen
+    b = backend.make(capacity=1, window=60.0)
+    b.take(CONN)
+    b.observe_429(CONN, reset_at=clock.now + 10)
+    assert b.peek(CONN) == refused(60.0)  # the log decides
+    b.observe_429(CONN, reset_at=clock.now + 90)
+    assert b.peek(CONN) == refused(90.0)  # the ceiling decides
 
-    short = make(any_redis, keys, capacity=5, window=0.1)
-    short.take(7)
-    short.observe(7, remaining=3, reset_at=now_us(any_redis) / 1_000_000 + 0.1)
-    wait_for(
-        lambda: any_redis.exists(keys.budget_log(7), keys.budget_ceiling(7)) == 0,
-        3.0,
-        "the budget keys to expire",
-        step=0.005,
-    )
+
+# -- the gate between a client and the budget ---------------------------------------------------
+
+
+def test_the_gate_spends_prepaid_calls_first(budget: Backend) -> None:
+    b = budget.make(capacity=3)
+    b.take(CONN, 2)
+    gate = Gate(b, CONN, prepaid=2)
+    gate.before_call()
+    gate.before_call()
+    assert b.usage(CONN).used == 2  # the prepaid calls took nothing more
+    gate.before_call()
+    with pytest.raises(BudgetEmpty):
+        gate.before_call()
+
+
+def test_the_gate_records_only_what_changes_the_budget(budget: Backend) -> None:
+    b = budget.make(capacity=100)
+    Gate._recorded.pop(CONN, None)
+    written: list[tuple[int | None, float | None]] = []
+    original = b.observe
+
+    def spy(connection_id: int, *, remaining: int | None, reset_at: float | None) -> None:
+        written.append((remaining, reset_at))
+        original(connection_id, remaining=remaining, reset_at=reset_at)
+
+    b.observe = spy  # type: ignore[method-assign]
+    gate = Gate(b, CONN)
+    reset = budget.now_us() / 1e6 + 300
+    for remaining in (99, 98, 97):  # one HipChat window, plenty left: the first tells all
+        gate.observe(RateLimitInfo(limit=100, remaining=remaining, reset_at=reset))
+    gate.observe(RateLimitInfo(limit=100, remaining=20, reset_at=reset))  # getting low
+    gate.observe(RateLimitInfo(limit=100, remaining=90, reset_at=reset + 300))  # a new window
+    gate.observe(RateLimitInfo(limit=None, remaining=None, reset_at=None))
+    assert written == [(99, reset), (20, reset), (90, reset + 300)]
+    gate.refused(reset + 60)
+    assert b.take(CONN).status is Status.REFUSED
+
+
+# -- nothing left behind, errors ----------------------------------------------------------------
+
+
+def test_script_keys_share_one_cluster_slot(key_prefix: str) -> None:
+    keys = Keys(key_prefix)
+    slots = {key_slot(k.encode()) for k in (keys.budget_log(CONN), keys.budget_state(CONN))}
+    assert len(slots) == 1
+
+
+def test_the_log_never_holds_more_than_three_times_the_capacity(budget: Backend) -> None:
+    b = budget.make(capacity=3, window=0.001)
+    for _ in range(20):
+        wait_until(lambda: b.take(CONN).granted)
+    stamps, _, _, _ = budget.log.recent(CONN)
+    assert 6 <= len(stamps) <= 9  # C for the rule, C more for usage, trimmed every C pushes
+    assert stamps == sorted(stamps, reverse=True)
+
+
+def test_bad_construction_is_refused(budget: Backend) -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        SlidingLogBudget(budget.log, capacity=0)
+    for window in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="window_seconds"):
+            SlidingLogBudget(budget.log, window_seconds=window)
+    for margin in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="margin_seconds"):
+            SlidingLogBudget(budget.log, margin_seconds=margin)
 
 
 def test_survives_a_script_cache_flush(key_prefix: str) -> None:
     # SCRIPT FLUSH empties the cache of the whole server: only on a private fake one, never on
     # the Redis other suites share.
     r = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    bucket = make(r, Keys(key_prefix), capacity=2)
-    assert bucket.take(CONN).allowed
+    b = SlidingLogBudget(RedisLog(r, Keys(key_prefix)), capacity=2, window_seconds=HOUR)
+    b.initialise(CONN)
+    assert b.take(CONN) == GRANTED
     r.script_flush()
-    assert bucket.take(CONN).allowed
-    assert not bucket.take(CONN).allowed
+    assert b.take(CONN) == GRANTED
+    assert b.take(CONN).status is Status.REFUSED
 
 
-def test_programming_errors_are_not_disguised(any_redis: redis.Redis, keys: Keys) -> None:
-    any_redis.set(keys.budget_log(CONN), "not a sorted set")
+def test_programming_errors_are_not_disguised(
+    fakeredis_client: redis.Redis, key_prefix: str
+) -> None:
+    keys = Keys(key_prefix)
+    fakeredis_client.set(keys.budget_log(CONN), "not a list")
+    b = SlidingLogBudget(RedisLog(fakeredis_client, keys), capacity=2)
+    b.initialise(CONN)
     with pytest.raises(redis.ResponseError):
-        make(any_redis, keys, capacity=2).take(CONN)
+        b.take(CONN)
+
+
+@pytest.fixture
+def fakeredis_client() -> redis.Redis:
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
 
 
 def closed_port() -> int:
@@ -378,14 +632,17 @@ def closed_port() -> int:
 @pytest.mark.parametrize("credentials", [":s3cret-pw@", "hipchat:s3cret-pw@"])
 def test_unreachable_redis_is_storage_unavailable(key_prefix: str, credentials: str) -> None:
     url = f"redis://{credentials}127.0.0.1:{closed_port()}/0"
-    bucket = make(connect(Settings(redis_url=url)), Keys(key_prefix), capacity=2)
+    b = SlidingLogBudget(RedisLog(connect(Settings(redis_url=url)), Keys(key_prefix)))
     calls: list[Callable[[], object]] = [
-        lambda: bucket.take(CONN),
-        lambda: bucket.acquire(CONN),
-        lambda: bucket.peek(CONN),
-        lambda: bucket.observe(CONN, remaining=1, reset_at=time.time() + 60),
-        lambda: bucket.observe_429(CONN, reset_at=time.time() + 60),
-        lambda: bucket.clear(CONN),
+        lambda: b.take(CONN),
+        lambda: b.reserve(CONN),
+        lambda: b.acquire(CONN),
+        lambda: b.peek(CONN),
+        lambda: b.observe(CONN, remaining=1, reset_at=time.time() + 60),
+        lambda: b.observe_429(CONN, reset_at=time.time() + 60),
+        lambda: b.initialise(CONN),
+        lambda: b.clear(CONN),
+        lambda: b.usage(CONN),
     ]
     for call in calls:
         with pytest.raises(StorageUnavailable) as caught:
@@ -396,11 +653,19 @@ def test_unreachable_redis_is_storage_unavailable(key_prefix: str, credentials: 
         assert caught.value.retry_after > 0
 
 
+def test_an_unwritable_budget_file_is_storage_unavailable(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the data directory should be")
+    b = SlidingLogBudget(SqliteLog(SharedFile(blocked)))
+    with pytest.raises((StorageUnavailable, OSError)):
+        b.take(CONN)
+
+
 def test_translated_messages_never_carry_a_password() -> None:
     leaky = redis.ConnectionError(
         "Error connecting to redis://hipchat:s3cret-pw@10.0.0.5:6379/0 (password=s3cret-pw)"
     )
-    with pytest.raises(StorageUnavailable) as caught, redis_errors("bucket take", CONN):
+    with pytest.raises(StorageUnavailable) as caught, redis_errors("budget take", "connection 4"):
         raise leaky
     assert "s3cret-pw" not in str(caught.value)
     assert "10.0.0.5:6379" in str(caught.value)  # where it failed is still said

@@ -10,12 +10,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from redis.lock import Lock
 
 from emulator import EmulatorServer
 from storage import outbox
 from storage.errors import BucketEmpty, RateLimited
 from tasks import delivery
 from tasks.delivery import DrainResult, backoff_seconds, drain
+from tasks.relay import relay
 from tests.pipeline_support import (
     ROOM,
     Backend,
@@ -189,11 +191,11 @@ def test_a_stated_wait_is_honoured_exactly_and_is_no_attempt(
     real_deliver = delivery.deliver
     calls: list[int] = []
 
-    def limited_once(rt: Any, view: Any, payload: dict[str, Any]) -> str:
+    def limited_once(rt: Any, view: Any, payload: dict[str, Any], **options: Any) -> str:
         calls.append(payload["n"])
         if len(calls) <= 3:
             raise error
-        return real_deliver(rt, view, payload)
+        return real_deliver(rt, view, payload, **options)
 
     monkeypatch.setattr(delivery, "deliver", limited_once)
     wait = error.retry_after  # type: ignore[attr-defined]
@@ -254,7 +256,11 @@ def test_more_than_one_drain_worth_hands_over(
     assert _numbers(receiver) == [0, 1, 2, 3, 4]
 
 
-def test_a_second_concurrent_drain_is_busy(pipeline: Pipeline, receiver: Receiver) -> None:
+def test_a_second_concurrent_drain_asks_the_first_to_drain_again(
+    pipeline: Pipeline, receiver: Receiver
+) -> None:
+    """No busy loop: the second drain leaves a request and ends; the first, once done, says
+    to drain again (events may have been committed meanwhile)."""
     p = pipeline
     sub = _webhook(p, receiver)
     p.add_events(sub, 2)
@@ -265,12 +271,24 @@ def test_a_second_concurrent_drain_is_busy(pipeline: Pipeline, receiver: Receive
     try:
         assert receiver.arrived.wait(10)  # the first drain is inside the webhook call
         assert drain(p.rt, sub, now=T0) == DrainResult(busy=True)
+        p.add_events(sub, 1, first=2)  # committed while the first drain finishes
     finally:
         receiver.release()
         worker.join(10)
-    assert results == [DrainResult(delivered=2)]
-    assert _numbers(receiver) == [0, 1]
-    assert drain(p.rt, sub, now=T0) == DrainResult()  # the lock was released
+    assert results == [DrainResult(delivered=3, retry_after=0.0)]  # the request was seen
+    assert _numbers(receiver) == [0, 1, 2]
+    assert drain(p.rt, sub, now=T0) == DrainResult()  # the lock was released, request taken
+
+
+def test_a_request_left_when_the_lock_frees_is_taken_by_the_second_try(
+    pipeline: Pipeline, receiver: Receiver
+) -> None:
+    p = pipeline
+    sub = _webhook(p, receiver)
+    p.add_events(sub, 1)
+    p.rt.leases.request_drain(sub)  # left by a drain that found the lock busy a moment ago
+    assert drain(p.rt, sub, now=T0) == DrainResult(delivered=1, retry_after=0.0)
+    assert drain(p.rt, sub, now=T0) == DrainResult()
 
 
 def test_relay_finds_events_committed_but_never_dispatched(pipeline: Pipeline) -> None:
@@ -289,3 +307,22 @@ def test_relay_finds_events_committed_but_never_dispatched(pipeline: Pipeline) -
     assert drain(p.rt, sub).delivered == 2
     with p.rt.db.session() as s:
         assert outbox.undispatched(s, older_than=datetime.now(UTC) + timedelta(hours=1)) == []
+
+
+def test_the_relay_resends_what_nobody_drains_and_leaves_live_drains_alone(
+    pipeline: Pipeline,
+) -> None:
+    """A worker killed mid-delivery leaves dispatched events and, for 10 s, its lock: the relay
+    skips the subscription while the lock is held, and re-sends its drain once it is gone."""
+    p = pipeline
+    sub = p.subscribe("room_message").id
+    p.add_events(sub, 1)
+    sent: list[int] = []
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    dead_drain = Lock(p.rt.redis, p.rt.keys.drain_lock(sub), timeout=60, thread_local=False)
+    assert dead_drain.acquire(blocking=False)
+    assert relay(p.rt, sent.append, later) == 0
+    assert sent == []
+    dead_drain.release()  # its TTL ran out
+    assert relay(p.rt, sent.append, later) == 1
+    assert sent == [sub]

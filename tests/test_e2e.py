@@ -168,7 +168,7 @@ class E2E:
             self.monitor.stop()
         self.receiver.stop()
         self.srv.stop()
-        self.rt.db.dispose()
+        self.rt.close()
 
     def service_logs(self) -> dict[str, str]:
         return {s.name: s.log_text() for s in self.services}

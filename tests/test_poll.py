@@ -10,10 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 
+from storage import health as health_store
 from storage import outbox
 from storage import subscriptions as subs
-from storage.errors import BucketEmpty, RetryLater, ServerError
+from storage.errors import BucketEmpty
 from tasks import poll as poll_module
 from tasks.poll import PollResult
 from tests.pipeline_support import (
@@ -257,8 +259,8 @@ def test_room_list_and_participants_are_fetched_once_per_poll(pipeline: Pipeline
 def test_a_poll_cut_short_by_the_budget_resumes_with_what_it_missed(
     pipeline: Pipeline,
 ) -> None:
-    """Streams are read least recently polled first: when every poll runs out of budget
-    part-way, the streams at the end are still reached by the next poll."""
+    """When every poll runs out of budget part-way, the streams it could not reach go first
+    next time: none is starved."""
     p = pipeline
     p.state.create_room("Other")
     for room in (ROOM, "Other"):
@@ -268,7 +270,8 @@ def test_a_poll_cut_short_by_the_budget_resumes_with_what_it_missed(
     tight = p.backend.runtime(bucket_capacity=3)  # 3 calls per poll
 
     def poll_on_a_fresh_budget() -> list[str]:
-        tight.redis.delete(tight.keys.budget_log(p.conn_id), tight.keys.budget_ceiling(p.conn_id))
+        tight.budget.clear(p.conn_id)
+        tight.budget.initialise(p.conn_id)
         p.state.clear_calls()
         with pytest.raises(BucketEmpty):
             p.poll(tight)
@@ -282,7 +285,7 @@ def test_a_poll_cut_short_by_the_budget_resumes_with_what_it_missed(
     assert all(sub.primed_at for sub in p.all_subscriptions())
 
 
-def test_a_retried_poll_skips_what_the_first_attempt_read(pipeline: Pipeline) -> None:
+def test_a_retried_poll_skips_what_the_earlier_attempt_read(pipeline: Pipeline) -> None:
     p = pipeline
     other = p.state.create_room("Other")
     p.subscribe("room_message")
@@ -290,12 +293,13 @@ def test_a_retried_poll_skips_what_the_first_attempt_read(pipeline: Pipeline) ->
     p.poll()
     p.say("in dev")
     p.state.post_message("Other", p.alice, "in other")
-    first_try = datetime.now(UTC)
     p.state.inject_fault("status", status=503, path_prefix=f"/v2/room/{other['id']}/history")
-    with pytest.raises(ServerError):
-        p.poll()
+    first = p.poll()  # Other fails on its own; Dev is read and committed
+    assert first.event_count == 1
+    assert list(first.failing) == [other["id"]]
+    assert first.come_back == pytest.approx(5.0, abs=1.0)  # Other is due again in 5 s
     assert (p.history_calls(), p.history_calls(other["id"])) == (2, 2)
-    retry = p.poll(done_since=first_try)
+    retry = p.poll(done=first.done, now=datetime.now(UTC) + timedelta(seconds=6))
     assert retry.event_count == 1
     assert (p.history_calls(), p.history_calls(other["id"])) == (2, 3)
     assert len(p.events()) == 2
@@ -374,6 +378,9 @@ def test_unknown_watermark_message_falls_back_to_dates(pipeline: Pipeline) -> No
 # -- failures ---------------------------------------------------------------------------------
 
 
+LATER = timedelta(seconds=6)  # past a room's first backoff (5 s)
+
+
 @pytest.mark.parametrize("fault", ["malformed_json", "truncated_json"])
 def test_malformed_history_leaves_the_watermark(pipeline: Pipeline, fault: str) -> None:
     p = pipeline
@@ -386,14 +393,16 @@ def test_malformed_history_leaves_the_watermark(pipeline: Pipeline, fault: str) 
     p.state.inject_fault(fault, path_prefix=f"/v2/room/{p.room_id}/history")
     result = p.poll()
     assert result.event_count == 0
-    assert any("not JSON" in problem for problem in result.problems)
+    assert "not JSON" in result.failing[p.room_id]
+    assert result.status.startswith("failing; room")
     after = p.watermark()
     assert before is not None
     assert after is not None
     assert (after.last_id, after.last_date) == (before.last_id, before.last_date)
     assert p.events() == []
 
-    assert p.poll().event_count == 3
+    assert p.poll().waiting == [p.room_id]  # backing off: not read again at once
+    assert p.poll(now=datetime.now(UTC) + LATER).event_count == 3
     assert [x["item"]["message"]["id"] for x in p.payloads(sub.id)] == sent
 
 
@@ -405,39 +414,67 @@ def test_malformed_participants_leave_the_snapshot(pipeline: Pipeline) -> None:
     p.state.inject_fault("malformed_json", path_prefix=f"/v2/room/{p.room_id}/participant")
     result = p.poll()
     assert result.event_count == 0
-    assert result.problems
-    assert p.poll().event_count == 1
+    assert p.room_id in result.failing
+    assert p.poll(now=datetime.now(UTC) + LATER).event_count == 1
     assert p.payloads(sub.id)[0]["item"]["sender"]["id"] == p.bob
 
 
-def test_server_error_raises_retry_later_and_keeps_the_watermark(pipeline: Pipeline) -> None:
+def test_a_server_error_stays_with_its_room_and_keeps_the_watermark(pipeline: Pipeline) -> None:
     p = pipeline
     sub = p.subscribe("room_message")
     p.poll()
     p.say("hello")
     p.state.inject_fault("status", status=503, path_prefix=f"/v2/room/{p.room_id}/history")
-    with pytest.raises(ServerError) as caught:
-        p.poll()
-    assert isinstance(caught.value, RetryLater)
-    assert caught.value.retry_after > 0
+    result = p.poll()
+    assert "HTTP 503" in result.failing[p.room_id]
     assert p.events() == []
-    assert p.poll().event_count == 1
+    assert p.poll(now=datetime.now(UTC) + LATER).event_count == 1
     assert len(p.events(sub.id)) == 1
 
 
-def test_partial_result_survives_a_retry_later(pipeline: Pipeline) -> None:
-    """Rooms committed before a 5xx on a later room are reported for dispatch."""
+def test_one_failing_room_holds_back_no_other_room(pipeline: Pipeline) -> None:
+    """A room answering 500 for ever: every other room is still read each poll, at once."""
     p = pipeline
     other = p.state.create_room("Other")
     first = p.subscribe("room_message")
     p.subscribe("room_message", room="Other")
     p.poll()
+    p.state.inject_fault("status", status=500, path_prefix=f"/v2/room/{other['id']}", count=100)
+    now = datetime.now(UTC)
+    for minute in range(4):
+        p.say(f"in dev {minute}")
+        result = p.poll(now=now + timedelta(minutes=minute))
+        assert result.event_count == 1
+        assert list(result.dispatch) == [first.id]
+        assert result.status.startswith("failing; room")
+    # Tried again after a growing wait, never more than once per poll.
+    assert p.history_calls(other["id"]) <= 1 + 4
+    p.rt.health.flush()
+    with p.rt.db.session() as s:
+        stored = health_store.get_health(s, p.conn_id)
+    failing = stored.rooms[str(other["id"])]
+    assert "HTTP 500" in failing["error"]
+    assert failing["attempts"] >= 2
+    assert stored.failing_since is not None
+    assert stored.last_ok_at is not None
+    assert stored.last_ok_at < stored.failing_since
+
+
+def test_partial_result_survives_a_wait_for_the_budget(pipeline: Pipeline) -> None:
+    """Rooms committed before the budget ran out are reported for dispatch."""
+    p = pipeline
+    p.state.create_room("Other")
+    first = p.subscribe("room_message")
+    p.subscribe("room_message", room="Other")
+    p.poll()
     p.say("in dev")
     p.state.post_message("Other", p.alice, "in other")
-    p.state.inject_fault("status", status=500, path_prefix=f"/v2/room/{other['id']}/history")
+    tight = p.backend.runtime(bucket_capacity=1)
+    tight.budget.clear(p.conn_id)
+    tight.budget.initialise(p.conn_id)
     partial = PollResult(p.conn_id)
-    with pytest.raises(ServerError):
-        p.poll(result=partial)
+    with pytest.raises(BucketEmpty):
+        p.poll(tight, result=partial)
     assert list(partial.dispatch) == [first.id]
     assert _dispatched_ids(partial) == [e.id for e in p.events()]
 
@@ -608,3 +645,28 @@ def test_crash_between_commit_and_enqueue_is_relayed(pipeline: Pipeline) -> None
         assert [e.id for e in stale] == _dispatched_ids(result)
         assert {e.subscription_id for e in stale} == {sub.id}
         assert {e.state for e in stale} == {"pending"}
+
+
+def test_a_poll_past_its_time_limit_leaves_the_rest_for_next_time(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = pipeline
+    p.state.create_room("Other")
+    p.subscribe("room_message")
+    p.subscribe("room_message", room="Other")
+    p.poll()
+    real = poll_module.Poll.poll_stream
+
+    def slow_second(self: poll_module.Poll, stream: Any) -> None:
+        if stream.room_id != p.room_id:
+            raise SoftTimeLimitExceeded
+        real(self, stream)
+
+    monkeypatch.setattr(poll_module.Poll, "poll_stream", slow_second)
+    with pytest.raises(SoftTimeLimitExceeded):
+        p.poll()
+    with p.rt.db.session() as s:
+        stored = health_store.get_health(s, p.conn_id)
+    assert len(stored.behind) == 1
+    assert stored.behind[0].startswith("history:")
+    assert stored.behind[0] != f"history:{p.room_id}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,10 @@ from sqlalchemy import text, update
 from emulator.testing import ManualClock
 from storage import connections as conns
 from storage import outbox
-from storage.errors import ServerError
+from storage.health import get_health
 from storage.models import Connection, OutboxEvent
 from tasks import celery_tasks
+from tasks.connections_api import add_connection
 from tasks.delivery import drain
 from tasks.poll import poll_connection
 from tasks.runtime import Runtime
@@ -74,11 +75,7 @@ class Beat:
     scheduler: ConnectionScheduler | None = None
 
     def add(self, name: str) -> int:
-        with self.rt.db.session() as s:
-            row = conns.add_connection(
-                s, name, "http://hipchat.example", f"tok-{name}", self.rt.cipher
-            )
-            return row.id
+        return add_connection(self.rt, name, "http://hipchat.example", f"tok-{name}").id
 
     def offset(self, conn_id: int) -> float:
         with self.rt.db.session() as s:
@@ -410,7 +407,7 @@ def broker_app_fixture(
     app = create_app(settings)
     yield app
     rt = Runtime.of(app)
-    rt.db.dispose()
+    rt.close()
     rt.redis.close()
     app.close()
 
@@ -424,11 +421,7 @@ def test_a_send_is_one_redis_command_and_a_broker_restart_loses_no_slot(
     broker_app: Celery, redis_server: RedisServer
 ) -> None:
     rt = Runtime.of(broker_app)
-    with rt.db.session() as s:
-        ids = [
-            conns.add_connection(s, f"c{i}", "http://h.example", "t", rt.cipher).id
-            for i in range(5)
-        ]
+    ids = [add_connection(rt, f"c{i}", "http://h.example", "t").id for i in range(5)]
     client = redis_server.client()
     clock = ManualClock(T0)
     scheduler = ConnectionScheduler(broker_app, clock=clock, resume=False)
@@ -472,8 +465,13 @@ def worker_fixture(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> Itera
     rt = pipeline.backend.adopt(Runtime.of(app))
     beat = Beat(app, rt, ManualClock(T0))
 
-    def send_task(name: str, args: list[Any] | None = None, **options: Any) -> None:
-        beat.sent.append(Sent(0.0, name, list(args or []), options))
+    def send_task(
+        name: str,
+        args: list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        beat.sent.append(Sent(0.0, name, list(args or []), options | {"kwargs": kwargs or {}}))
 
     monkeypatch.setattr(app, "send_task", send_task)
     return beat
@@ -525,7 +523,9 @@ def test_a_failed_poll_still_hands_over_the_rooms_it_committed(
     p.say("in dev")
     p.state.post_message("Other", p.alice, "in other")
     p.state.inject_fault("status", status=503, path_prefix=f"/v2/room/{other['id']}/history")
-    with pytest.raises(ServerError):  # called directly, retry() re-raises the error
+    # Other fails on its own and is due again in 5 s: the task comes back for it (called
+    # directly, retry() raises Retry).
+    with pytest.raises(Retry):
         celery_tasks.poll_connection_task.run(p.conn_id, 2)
     assert [(s.name, s.args) for s in worker.sent] == [("hipchat.deliver", [sub.id])]
     assert [e.state for e in p.events(sub.id)] == ["dispatched"]
@@ -553,7 +553,7 @@ def test_the_relay_sends_what_a_dead_poll_left_behind(pipeline: Pipeline, worker
         assert [e.id for e in outbox.undispatched(s, older_than=future)] == [event.id]
 
 
-def test_the_deliver_task_retries_while_another_drain_runs(
+def test_a_deliver_task_that_finds_another_drain_leaves_it_a_request(
     pipeline: Pipeline, worker: Beat
 ) -> None:
     p = pipeline
@@ -561,10 +561,13 @@ def test_the_deliver_task_retries_while_another_drain_runs(
     p.add_events(sub.id, 1)
     other = Lock(worker.rt.redis, worker.rt.keys.drain_lock(sub.id), timeout=60)
     assert other.acquire(blocking=False)  # another worker's drain
-    with pytest.raises(Retry):
+    # No busy loop: it leaves a request for the holder and ends.
+    assert celery_tasks.deliver_task.run(sub.id) == f"subscription {sub.id}: another drain runs"
+    other.release()  # (this holder does not look at the request: the next drain takes it)
+    with pytest.raises(Retry):  # delivered, and the request says: drain once more
         celery_tasks.deliver_task.run(sub.id)
-    other.release()
-    assert celery_tasks.deliver_task.run(sub.id) == f"subscription {sub.id}: delivered 1, dead 0"
+    assert p.events(sub.id)[0].state == "delivered"
+    assert celery_tasks.deliver_task.run(sub.id) == f"subscription {sub.id}: delivered 0, dead 0"
 
 
 def test_a_fast_drain_keeps_its_backoff_when_the_poll_marks_dispatch(
@@ -602,13 +605,33 @@ def test_a_retried_poll_task_reads_only_what_the_first_attempt_missed(
     p.say("in dev")
     p.state.post_message("Other", p.alice, "in other")
     p.state.inject_fault("status", status=503, path_prefix=f"/v2/room/{other['id']}/history")
-    # apply() runs the task and its retry (with first_try_at) eagerly, countdown ignored.
-    outcome = celery_tasks.poll_connection_task.apply(args=[p.conn_id, 2])
-    assert outcome.successful(), outcome.traceback
-    assert "ok: 1 events" in outcome.result
+    task = celery_tasks.poll_connection_task
+    task.push_request(
+        id="poll-id", args=[p.conn_id, 2], kwargs={}, retries=0, is_eager=False,
+        called_directly=False, delivery_info={},
+    )  # fmt: skip
+    try:
+        with pytest.raises(Retry) as caught:
+            task.run(p.conn_id, 2)
+    finally:
+        task.pop_request()
+    retry = caught.value
+    assert retry.sig is not None
+    assert retry.sig.kwargs == {"done": [f"history:{p.room_id}"]}
+    assert 4.0 <= float(retry.when or 0) <= 6.0  # when Other is due again
+    assert retry.sig.options["headers"][celery_tasks.FAILURES_HEADER] == 0  # not a failure
+
+    # Other's wait is over when the retry runs: only Other is read.
+    with worker.rt.db.session() as s:
+        stored = get_health(s, p.conn_id)  # written at once: Other started failing
+    due = {k: {**v, "retry_at": "2000-01-01T00:00:00+00:00"} for k, v in stored.rooms.items()}
+    worker.rt.health.record(replace(stored, rooms=due), at_once=True)
+    outcome = task.run(p.conn_id, 2, done=retry.sig.kwargs["done"])
+    assert "ok: 1 events" in outcome
     assert (p.history_calls(), p.history_calls(other["id"])) == (2, 3)
     assert [(s.name, s.args) for s in worker.sent] == [
         ("hipchat.deliver", [dev.id]),
+        ("hipchat.poll_connection", [p.conn_id, 2]),  # the retry, sent by retry()
         ("hipchat.deliver", [elsewhere.id]),
     ]
-    assert celery_tasks.poll_connection_task.run(p.conn_id, 2).endswith("interval 2")
+    assert task.run(p.conn_id, 2).endswith("interval 2")

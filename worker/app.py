@@ -9,6 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
+from tasks.celery_tasks import ACTION_TASKS
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 
@@ -31,17 +32,40 @@ def broker_url_for(settings: Settings) -> str:
     return "memory://localhost/"
 
 
+def time_limits(settings: Settings) -> dict[str, dict[str, float]]:
+    """Soft and hard time limits per task (prefork pool): a task past its soft limit gets
+    :class:`~celery.exceptions.SoftTimeLimitExceeded` and cleans up (locks are released, a poll
+    records the streams it did not reach, an action retries); one past its hard limit is
+    killed and its message comes back. Each is well above what the task can take when
+    HipChat answers within the HTTP timeouts."""
+    call = settings.http_connect_timeout_seconds + settings.http_read_timeout_seconds
+    poll = max(60.0, settings.poll_interval_seconds) + call
+    drain = 60.0 + settings.webhook_timeout_seconds + call  # tasks.delivery's time per drain
+    action = 3 * call + 10.0  # the room, the call, and a look for an earlier post
+    limits = {
+        "hipchat.poll_connection": poll,
+        "hipchat.deliver": drain,
+        "hipchat.relay_outbox": 60.0,
+        **dict.fromkeys(ACTION_TASKS, action),
+    }
+    return {
+        name: {"soft_time_limit": soft, "time_limit": soft + 30.0} for name, soft in limits.items()
+    }
+
+
+def transport_options(broker: str, settings: Settings) -> dict[str, float]:
+    if broker.startswith("memory://"):
+        # Polling the in-process memory broker every second would make the embedded demo lag.
+        return {"polling_interval": 0.1}
+    return {"visibility_timeout": settings.broker_visibility_timeout_seconds}
+
+
 def create_app(settings: Settings) -> Celery:
     app = Celery("hipchat_poller", set_as_current=True)
     broker = broker_url_for(settings)
     app.conf.update(
         broker_url=broker,
         broker_connection_retry_on_startup=True,
-        # Polling the in-process memory broker every second would make the embedded demo
-        # lag; Redis uses BRPOP and ignores this.
-        broker_transport_options={"polling_interval": 0.1}
-        if broker.startswith("memory://")
-        else {},
         task_default_queue=ACTION_QUEUE,
         task_queues=[
             Queue(POLL_QUEUE, Exchange(POLL_QUEUE), routing_key=POLL_QUEUE),
@@ -65,6 +89,11 @@ def create_app(settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_track_started=True,
+        task_annotations=time_limits(settings),
+        # Messages a worker holds (running, or waiting for their countdown) come back to the
+        # queue this long after a worker died holding them; it must outlast every countdown
+        # the project uses (see time_limits and docs/reliability.md).
+        broker_transport_options=transport_options(broker, settings),
         beat_scheduler="worker.scheduler:ConnectionScheduler",
         beat_max_loop_interval=min(5.0, settings.poll_interval_seconds),
         timezone="UTC",

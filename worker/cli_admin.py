@@ -29,7 +29,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         rt.db.upgrade()
     finally:
-        rt.db.dispose()
+        rt.close()
     print(f"database schema is up to date ({rt.db.dialect})")
     return 0
 

@@ -26,7 +26,7 @@ def runtime() -> Iterator[Runtime]:
         check_schema(rt)
         yield rt
     finally:
-        rt.db.dispose()
+        rt.close()
 
 
 def print_json(value: Any) -> int:

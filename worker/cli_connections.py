@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from storage import connections as conns
 from storage.errors import ValidationError
+from tasks.connections_api import add_connection, remove_connection
 from worker.cli_common import connection_id, runtime
 
 TOKEN_ENV = "HIPCHAT_POLLER_TOKEN"  # noqa: S105 (a variable name, not a secret)
@@ -57,9 +58,9 @@ def read_token(args: argparse.Namespace) -> str:
 
 
 def cmd_connection_add(args: argparse.Namespace) -> int:
-    with runtime() as rt, rt.db.session() as s:
-        row = conns.add_connection(s, args.name, args.base_url, read_token(args), rt.cipher)
-        print(f"connection {row.name} added (id {row.id}, {row.base_url})")
+    with runtime() as rt:
+        added = add_connection(rt, args.name, args.base_url, read_token(args))
+    print(f"connection {added.name} added (id {added.id}, {added.base_url})")
     return 0
 
 
@@ -87,7 +88,11 @@ def _on_named(args: argparse.Namespace, change: Callable[[Session, int], object]
 
 
 def cmd_connection_remove(args: argparse.Namespace) -> int:
-    return _on_named(args, conns.remove_connection, "removed")
+    with runtime() as rt:
+        if not remove_connection(rt, args.name):
+            raise ValidationError(f"no connection named {args.name!r}")
+    print(f"connection {args.name} removed")
+    return 0
 
 
 def cmd_connection_pause(args: argparse.Namespace) -> int:

@@ -130,7 +130,7 @@ def _schema_ready(settings: Settings, *, upgrade: bool = False) -> None:
         else:
             check_schema(rt)
     finally:
-        rt.db.dispose()
+        rt.close()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -22,9 +22,9 @@ from celery.exceptions import SecurityWarning
 from cryptography.fernet import Fernet
 
 from emulator import EmulatorServer
-from storage import connections as conns
 from storage import outbox
 from storage import subscriptions as subs
+from tasks.connections_api import add_connection
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 from tasks.subscribe import SubscriptionSpec
@@ -103,7 +103,9 @@ def subscriptions() -> list[SubscriptionSpec]:
         spec("room_file_upload", "log", {}, room=ROOM),
         spec("room_topic_change", "log", {}, room=ROOM),
         spec("room_enter", "log", {}, room=ROOM),
-        spec("room_notification", "log", {}, room=ROOM),
+        # The pong is the connection's own notification: shown only because this one asks
+        # for the connection's own posts (a reply subscription never sees its own replies).
+        spec("room_notification", "log", {}, room=ROOM, include_own=True),
         spec("room_created", "log", {}),
     ]
 
@@ -147,8 +149,7 @@ def _scenario(
     alice = state.create_user("Alice Anders", mention_name="alice", email="alice@example.com")
     bob = state.create_user("Bob Brown", mention_name="bob", email="bob@example.com")
     state.create_room(ROOM, topic="Factor recipes")
-    with rt.db.session() as s:
-        conns.add_connection(s, "demo", server.base_url, DEMO_TOKEN, rt.cipher)
+    add_connection(rt, "demo", server.base_url, DEMO_TOKEN)
     create_subscriptions(rt, subscriptions())
     out(
         f"emulator at {server.base_url}; worker and beat polling every {interval:g}s "

@@ -33,6 +33,7 @@ from storage import connections as conns
 from storage import subscriptions as subs
 from storage.errors import ValidationError
 from storage.models import Subscription
+from tasks.connections_api import start_budgets
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import lookup_rooms, stored_target
 from worker.recipes_load import load_recipes
@@ -121,14 +122,19 @@ def apply(
     _raise_unknown(resolve_rooms(rt, recipes, first.creations(), existing, rooms))
     with rt.db.session() as s:
         final = plan(recipes, *snapshot(s, rt), prune_connections=prune_connections)
-        _execute(rt, s, recipes, final, rooms)
+        removed = _execute(rt, s, recipes, final, rooms)
+    for connection_id in removed:
+        rt.budget.clear(connection_id)
     lines = final.lines()
     for line in lines:
         log.info("apply %s: %s", recipes.path, line)
     return lines
 
 
-def _execute(rt: Runtime, s: Session, recipes: Recipes, the_plan: Plan, rooms: RoomCache) -> None:
+def _execute(
+    rt: Runtime, s: Session, recipes: Recipes, the_plan: Plan, rooms: RoomCache
+) -> list[int]:
+    """Apply the plan in ``s``; the ids of the connections it removes."""
     for change in the_plan.connections:
         if change.recipe is not None:
             _apply_connection(rt, s, change)
@@ -144,16 +150,19 @@ def _execute(rt: Runtime, s: Session, recipes: Recipes, the_plan: Plan, rooms: R
     for recipe in creations:
         room = rooms.get((recipe.spec.connection, recipe.spec.room or ""))
         _add_subscription(rt, s, recipe, ids[recipe.spec.connection], room)
+    removed = []
     for change in the_plan.connections:
         if change.recipe is None and change.stored is not None:
             conns.remove_connection(s, change.stored.id)
+            removed.append(change.stored.id)
+    return removed
 
 
 def _apply_connection(rt: Runtime, s: Session, change: ConnectionChange) -> None:
     recipe = change.recipe
     assert recipe is not None
     if change.stored is None:
-        conns.add_connection(
+        row = conns.add_connection(
             s,
             recipe.name,
             recipe.base_url,
@@ -162,6 +171,9 @@ def _apply_connection(rt: Runtime, s: Session, change: ConnectionChange) -> None
             poll_interval_seconds=rt.settings.poll_interval_seconds,
         )
         s.flush()
+        # Before the room lookups below, which call HipChat through this budget. Should the
+        # transaction roll back, a started budget for an unused id is harmless.
+        start_budgets(rt, [row.id])
         return
     conns.update_connection(
         s,
