@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from datetime import datetime
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
@@ -176,3 +178,31 @@ def due_connections(s: Session) -> list[Connection]:
     """Active connections in the order of their poll offsets; the scheduler decides timing."""
     query = select(Connection).where(Connection.state == "active")
     return list(s.scalars(query.order_by(Connection.poll_offset_seconds, Connection.id)))
+
+
+# -- what beat reads: a few columns through Core, no ORM objects ----------------------------
+
+_TABLE = Connection.__table__
+
+
+class ConnectionChange(NamedTuple):
+    """A connection row as beat's schedule sees it."""
+
+    id: int
+    state: str
+    poll_offset_seconds: float
+    updated_at: datetime
+
+
+def active_poll_offsets(s: Session) -> dict[int, float]:
+    """Every active connection's id and poll offset: beat's full scan, which also notices the
+    deletions that ``updated_at`` cannot show."""
+    query = select(_TABLE.c.id, _TABLE.c.poll_offset_seconds).where(_TABLE.c.state == "active")
+    return dict(s.execute(query).all())
+
+
+def connection_changes(s: Session, since: datetime) -> list[ConnectionChange]:
+    """The connections whose ``updated_at`` is at or after ``since``, in any state."""
+    columns = (_TABLE.c.id, _TABLE.c.state, _TABLE.c.poll_offset_seconds, _TABLE.c.updated_at)
+    query = select(*columns).where(_TABLE.c.updated_at >= since)
+    return [ConnectionChange(*row) for row in s.execute(query)]

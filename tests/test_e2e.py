@@ -772,10 +772,12 @@ def test_a_second_beat_does_not_poll_twice_per_interval(case: Case) -> None:
         return runs
 
     def doubly_sent() -> list[str]:
+        # Beat's polls carry no task-sent event (worker/scheduler.py), so the beat that sent a
+        # run is not known: two runs of one interval are the two beats' sends.
         return [
             k
             for k, runs in by_interval().items()
-            if len({h for r in runs for h in r.sent_by}) >= 2 and all(r.finished for r in runs)
+            if len(runs) >= 2 and all(r.finished for r in runs)
         ]
 
     try:

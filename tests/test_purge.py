@@ -83,5 +83,5 @@ def test_beat_sends_the_purge_every_hour(backend: Backend, monkeypatch: pytest.M
     while clock() <= start + 2 * PURGE_EVERY_SECONDS:
         scheduler.tick()
         clock.advance(60.0)
-    purges = [(at - start, options) for at, name, options in sent if name == PURGE_TASK]
-    assert purges == [(k * PURGE_EVERY_SECONDS, {"expires": PURGE_EVERY_SECONDS}) for k in range(3)]
+    purges = [(at - start, options["expires"]) for at, name, options in sent if name == PURGE_TASK]
+    assert purges == [(k * PURGE_EVERY_SECONDS, PURGE_EVERY_SECONDS) for k in range(3)]

@@ -1,48 +1,62 @@
 """Beat's connection scheduler under a controlled clock, and the thin Celery tasks it feeds:
-the interval claim, the hand-over to delivery, the relay."""
+the interval claim, the hand-over to delivery, the relay.
+
+The scheduler tests record ``send_task`` calls instead of publishing; one test publishes to a
+``redis-server`` of its own and counts the Redis commands a send costs. The heap itself is
+tested in ``test_poll_schedule.py``."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 from celery.exceptions import Retry
+from cryptography.fernet import Fernet
 from redis.lock import Lock
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from emulator.testing import ManualClock
 from storage import connections as conns
 from storage import outbox
 from storage.health import get_health
-from storage.models import OutboxEvent
+from storage.models import Connection, OutboxEvent
 from tasks import celery_tasks
 from tasks.connections_api import add_connection
 from tasks.delivery import drain
 from tasks.poll import poll_connection
 from tasks.runtime import Runtime
+from tasks.settings import Settings
 from tests.pipeline_support import (
     ROOM,
     Backend,
     Pipeline,
     Receiver,
 )
+from tests.redis_server import RedisServer
+from tests.storage_support import opened, sqlite_url
 from worker import scheduler as scheduler_module
-from worker.app import create_app
+from worker.app import POLL_QUEUE, create_app
+from worker.poll_schedule import interval_index
 from worker.scheduler import (
+    BROKER_RETRY_SECONDS,
+    FULL_SCAN_EVERY_SECONDS,
     POLL_TASK,
+    PURGE_TASK,
     RELAY_TASK,
     SYNC_EVERY_SECONDS,
     ConnectionScheduler,
-    interval_index,
 )
 
 INTERVAL = 60.0
 RELAY_EVERY = 30.0
-T0 = 1_900_000_020.0  # 20 s into an interval of 60 s
+T0 = 1_900_000_020.0  # a multiple of 60: interval k of offset o began at T0 - 60 + o
 
 
 @dataclass
@@ -70,8 +84,20 @@ class Beat:
             assert row is not None
             return row.poll_offset_seconds % INTERVAL
 
-    def start(self) -> ConnectionScheduler:
-        self.scheduler = ConnectionScheduler(self.app, clock=self.clock)
+    def set_offset(self, conn_id: int, offset: float) -> None:
+        with self.rt.db.session() as s:
+            row = conns.get_connection(s, conn_id)
+            assert row is not None
+            row.poll_offset_seconds = offset
+
+    def age_rows(self) -> None:
+        """Every connection row last changed an hour ago (of real time: rows are stamped
+        with the wall clock, not the scheduler's)."""
+        with self.rt.db.session() as s:
+            s.execute(update(Connection).values(updated_at=datetime.now(UTC) - timedelta(hours=1)))
+
+    def start(self, resume: bool | None = None) -> ConnectionScheduler:
+        self.scheduler = ConnectionScheduler(self.app, clock=self.clock, resume=resume)
         return self.scheduler
 
     def run_until(self, end: float, step: float = 1.0) -> None:
@@ -81,8 +107,12 @@ class Beat:
             self.scheduler.tick()
             self.clock.advance(step)
 
-    def polls(self, conn_id: int | None = None) -> list[Sent]:
-        return [x for x in self.sent if x.name == POLL_TASK and conn_id in (None, x.args[0])]
+    def polls(self, conn_id: int | None = None, since: float = -1.0) -> list[Sent]:
+        return [
+            x
+            for x in self.sent
+            if x.name == POLL_TASK and conn_id in (None, x.args[0]) and x.at >= since
+        ]
 
     def relays(self) -> list[Sent]:
         return [x for x in self.sent if x.name == RELAY_TASK]
@@ -129,47 +159,30 @@ def test_offsets_spread_connections_over_the_interval(beat: Beat) -> None:
     beat.run_until(T0)
     start = beat.clock()
     beat.run_until(start + INTERVAL - 1)
-    later = [p for p in beat.polls() if p.at >= start]
+    later = beat.polls(since=start)
     assert sorted(p.args[0] for p in later) == sorted(ids)  # each once in one interval
     for sent in later:
         assert (sent.at - offsets[sent.args[0]]) % INTERVAL < 1.0
     assert len({p.at for p in later}) == len(ids)
 
 
-def test_a_new_connection_is_picked_up_without_a_restart(beat: Beat) -> None:
-    beat.add("alpha")
-    beat.start()
-    beat.run_until(T0)
-    late = beat.add("late")
-    beat.run_until(T0 + SYNC_EVERY_SECONDS - 1)
-    assert beat.polls(late) == []  # not yet re-read
-    beat.run_until(T0 + SYNC_EVERY_SECONDS)
-    (sent,) = beat.polls(late)
-    assert sent.at == T0 + SYNC_EVERY_SECONDS
-    assert sent.args == [late, interval_index(sent.at, INTERVAL, beat.offset(late))]
-
-
-def test_paused_and_removed_connections_stop(beat: Beat) -> None:
-    paused, removed, kept = beat.add("paused"), beat.add("removed"), beat.add("kept")
-    beat.start()
-    beat.run_until(T0)
-    assert {p.args[0] for p in beat.polls()} == {paused, removed, kept}
-    with beat.rt.db.session() as s:
-        conns.set_connection_state(s, paused, "paused", "by an operator")
-        conns.remove_connection(s, removed)
-    beat.run_until(T0 + SYNC_EVERY_SECONDS)
-    before = len(beat.polls())
-    beat.run_until(T0 + 3 * INTERVAL)
-    assert {p.args[0] for p in beat.polls()[before:]} == {kept}
-    assert len(beat.polls(paused)) == len(beat.polls(removed)) == 1
-
-
-def test_the_relay_is_sent_every_relay_interval(beat: Beat) -> None:
-    beat.start()
-    beat.run_until(T0 + 4 * RELAY_EVERY)
-    relays = beat.relays()
-    assert [r.at - T0 for r in relays] == [0.0, 30.0, 60.0, 90.0, 120.0]
-    assert all(r.args == [] for r in relays)
+def test_a_tick_with_nothing_due_visits_no_connection(beat: Beat) -> None:
+    ids = [beat.add(f"conn-{i}") for i in range(20)]
+    scheduler = beat.start()
+    scheduler.tick()
+    assert sorted(p.args[0] for p in beat.polls()) == sorted(ids)
+    visits, due = scheduler.schedule.visits, scheduler.schedule.next_due()
+    assert due is not None
+    # Between two due polls (and before the next read of the database): no connection is
+    # looked at, nothing is sent.
+    beat.clock.set(T0 + min(due - T0, SYNC_EVERY_SECONDS) / 2)
+    scheduler.tick()
+    assert (scheduler.schedule.visits, len(beat.polls())) == (visits, len(ids))
+    # When the next one falls due, that one alone.
+    beat.clock.set(due)
+    scheduler.tick()
+    assert scheduler.schedule.visits == visits + 1
+    assert len(beat.polls(since=due)) == 1
 
 
 def test_tick_sleeps_until_the_next_due_poll(beat: Beat) -> None:
@@ -182,17 +195,265 @@ def test_tick_sleeps_until_the_next_due_poll(beat: Beat) -> None:
     assert wait == pytest.approx(min(due - T0, RELAY_EVERY, scheduler.max_interval))
 
 
+def test_the_relay_is_sent_every_relay_interval(beat: Beat) -> None:
+    beat.start()
+    beat.run_until(T0 + 4 * RELAY_EVERY)
+    relays = beat.relays()
+    assert [r.at - T0 for r in relays] == [0.0, 30.0, 60.0, 90.0, 120.0]
+    assert all(r.args == [] for r in relays)
+
+
+def test_polls_and_relays_keep_no_result_and_send_no_sent_event(beat: Beat) -> None:
+    beat.add("alpha")
+    beat.start()
+    beat.run_until(T0)
+    assert {s.name for s in beat.sent} == {POLL_TASK, RELAY_TASK, PURGE_TASK}
+    for sent in beat.sent:
+        assert sent.options["ignore_result"] is True
+        dispatcher = sent.options["event_dispatcher"]  # what publishes the task-sent event
+        assert dispatcher.publish("task-sent", {"uuid": "x"}, None) is None
+
+
+# -- reading the connections --------------------------------------------------------------------
+
+
+def test_a_new_connection_is_picked_up_without_a_restart(beat: Beat) -> None:
+    beat.add("alpha")
+    beat.start()
+    beat.run_until(T0)
+    late = beat.add("late")
+    beat.run_until(T0 + SYNC_EVERY_SECONDS - 1)
+    assert beat.polls(late) == []  # not yet re-read
+    beat.run_until(T0 + SYNC_EVERY_SECONDS)
+    (sent,) = beat.polls(late)
+    assert sent.at == T0 + SYNC_EVERY_SECONDS  # in its current interval
+    assert sent.args == [late, interval_index(sent.at, INTERVAL, beat.offset(late))]
+
+
+def test_only_edited_connections_are_read_again(
+    beat: Beat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept, paused = beat.add("kept"), beat.add("paused")
+    beat.age_rows()  # both changed, together, long ago
+    reads: list[list[int]] = []
+    changes = scheduler_module.connection_changes
+
+    def spy(session: Any, since: datetime) -> list[conns.ConnectionChange]:
+        rows = changes(session, since)
+        reads.append([row.id for row in rows])
+        return rows
+
+    monkeypatch.setattr(scheduler_module, "connection_changes", spy)
+    scheduler = beat.start()
+    beat.run_until(T0 + 2 * SYNC_EVERY_SECONDS)
+    assert reads == [[], []]  # unchanged rows are not read again and again
+
+    with beat.rt.db.session() as s:
+        conns.set_connection_state(s, paused, "paused", "by an operator")
+    beat.run_until(T0 + 3 * SYNC_EVERY_SECONDS)
+    assert reads[-1] == [paused]
+    assert paused not in scheduler.schedule
+    assert kept in scheduler.schedule
+
+    with beat.rt.db.session() as s:  # resumed: polled at once, in its current interval
+        conns.set_connection_state(s, paused, "active")
+    beat.run_until(T0 + 4 * SYNC_EVERY_SECONDS)
+    assert reads[-1] == [paused]
+    (resumed,) = beat.polls(paused, since=T0 + 1)
+    assert resumed.at == T0 + 4 * SYNC_EVERY_SECONDS
+    assert resumed.args[1] == interval_index(resumed.at, INTERVAL, beat.offset(paused))
+
+    beat.set_offset(kept, 59.0)  # an edited offset: the connection's polls move
+    beat.run_until(T0 + 3 * INTERVAL)
+    moved = beat.polls(kept, since=T0 + 5 * SYNC_EVERY_SECONDS + 1)
+    assert moved
+    assert all((p.at - 59.0) % INTERVAL < 1.0 for p in moved)
+
+
+def test_the_full_scan_sees_what_updated_at_cannot_show(beat: Beat) -> None:
+    """A deleted row, and a state changed by SQL that bypassed the ORM's updated_at."""
+    gone, hidden, kept = beat.add("gone"), beat.add("hidden"), beat.add("kept")
+    scheduler = beat.start()
+    beat.run_until(T0)
+    beat.age_rows()
+    with beat.rt.db.session() as s:
+        conns.remove_connection(s, gone)
+        s.execute(text("UPDATE connections SET state = 'paused' WHERE id = :id"), {"id": hidden})
+    beat.run_until(T0 + FULL_SCAN_EVERY_SECONDS - 1)
+    assert {gone, hidden, kept} <= scheduler.schedule.ids()  # the changes reads cannot see them
+    beat.run_until(T0 + FULL_SCAN_EVERY_SECONDS)
+    assert scheduler.schedule.ids() == {kept}
+    beat.run_until(T0 + 3 * INTERVAL)
+    assert {p.args[0] for p in beat.polls(since=T0 + FULL_SCAN_EVERY_SECONDS)} == {kept}
+
+
 def test_a_database_blip_keeps_the_schedule(beat: Beat, monkeypatch: pytest.MonkeyPatch) -> None:
     conn = beat.add("alpha")
     beat.start()
     beat.run_until(T0)
 
-    def broken(_session: Any) -> Any:
+    def broken(*_args: Any) -> Any:
         raise RuntimeError("database down")
 
-    monkeypatch.setattr(scheduler_module, "due_connections", broken)
+    for name in ("active_poll_offsets", "connection_changes"):
+        monkeypatch.setattr(scheduler_module, name, broken)
     beat.run_until(T0 + 2 * INTERVAL)
     assert len(beat.polls(conn)) == 3
+
+
+# -- a restarted beat ---------------------------------------------------------------------------
+
+
+def test_a_restarted_beat_resumes_the_spread_from_the_claims(beat: Beat) -> None:
+    recent, old = 55.0, 20.0  # current intervals that began 5 s and 40 s before T0
+    current = interval_index(T0, INTERVAL, recent)
+    assert current == interval_index(T0, INTERVAL, old)
+    cases = {  # name: (offset, claimed interval)
+        "polled": (recent, current),
+        "missed": (recent, None),
+        "missed-again": (recent, current - 1),
+        "long-ago": (old, None),
+        "polled-long-ago": (old, current),
+    }
+    ids = {}
+    for name, (offset, claimed) in cases.items():
+        ids[name] = conn = beat.add(name)
+        beat.set_offset(conn, offset)
+        if claimed is not None:
+            assert beat.rt.leases.claim_interval(conn, claimed, ttl_seconds=2 * INTERVAL)
+
+    beat.start(resume=True)
+    beat.run_until(T0)  # what a short outage missed goes now; nothing else
+    assert sorted(p.args for p in beat.polls()) == sorted(
+        [[ids["missed"], current], [ids["missed-again"], current]]
+    )
+    beat.run_until(T0 + INTERVAL - 1)  # the others at their next slot, as usual
+    firsts = {p.args[0]: p for p in reversed(beat.polls(since=T0 + 1))}
+    for name in ("polled", "long-ago", "polled-long-ago"):
+        offset, _ = cases[name]
+        assert firsts[ids[name]].args[1] == current + 1
+        assert firsts[ids[name]].at == T0 - INTERVAL + offset + INTERVAL
+
+
+def test_without_redis_a_started_beat_polls_every_connection_at_once(beat: Beat) -> None:
+    conn = beat.add("alpha")
+    beat.set_offset(conn, 20.0)  # its current interval began 40 s ago
+    assert beat.rt.leases.claim_interval(conn, interval_index(T0, INTERVAL, 20.0) - 1, 120.0)
+    beat.start()  # embedded settings: no claims are read
+    beat.run_until(T0)
+    assert [p.args for p in beat.polls()] == [[conn, interval_index(T0, INTERVAL, 20.0)]]
+
+
+def test_a_restart_with_redis_away_waits_for_the_next_slots(
+    beat: Beat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recent, old = beat.add("recent"), beat.add("old")
+    beat.set_offset(recent, 55.0)
+    beat.set_offset(old, 20.0)
+
+    def down(*_args: Any, **_kwargs: Any) -> Any:
+        raise redis.ConnectionError("Redis is away")
+
+    monkeypatch.setattr(beat.rt.redis, "pipeline", down)
+    beat.start(resume=True)  # nothing is known to be claimed
+    beat.run_until(T0)
+    assert [p.args[0] for p in beat.polls()] == [recent]
+
+
+# -- the broker -----------------------------------------------------------------------------------
+
+
+def test_a_broker_error_keeps_the_slot(beat: Beat, monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = beat.add("alpha")
+    recorded = beat.app.send_task
+
+    def broker_down(*_args: Any, **_kwargs: Any) -> None:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(beat.app, "send_task", broker_down)
+    scheduler = beat.start()
+    assert scheduler.tick() == BROKER_RETRY_SECONDS  # nothing went out: try again soon
+    monkeypatch.setattr(beat.app, "send_task", recorded)
+    beat.clock.advance(BROKER_RETRY_SECONDS)
+    scheduler.tick()
+    (sent,) = beat.polls(conn)
+    assert sent.args == [conn, interval_index(T0, INTERVAL, beat.offset(conn))]
+
+    # Down for longer than an interval: only the latest missed interval is sent.
+    monkeypatch.setattr(beat.app, "send_task", broker_down)
+    beat.run_until(T0 + 2.5 * INTERVAL)
+    monkeypatch.setattr(beat.app, "send_task", recorded)
+    beat.run_until(T0 + 2.5 * INTERVAL + BROKER_RETRY_SECONDS)
+    (late,) = beat.polls(conn, since=T0 + 2)
+    assert late.args == [conn, interval_index(late.at, INTERVAL, beat.offset(conn))]
+
+
+@pytest.fixture(name="broker_app")
+def broker_app_fixture(
+    redis_server: RedisServer, tmp_path: Path, key_prefix: str
+) -> Iterator[Celery]:
+    """A Celery app whose broker is this module's own redis-server; SQLite."""
+    url = sqlite_url(tmp_path)
+    with opened(url, migrate=True):
+        pass
+    settings = Settings(
+        database_url=url,
+        redis_url=redis_server.url,
+        data_dir=str(tmp_path),
+        secret_key=Fernet.generate_key().decode(),
+        redis_key_prefix=key_prefix,
+        poll_interval_seconds=INTERVAL,
+        relay_interval_seconds=RELAY_EVERY,
+    )
+    app = create_app(settings)
+    yield app
+    rt = Runtime.of(app)
+    rt.close()
+    rt.redis.close()
+    app.close()
+
+
+def _command_calls(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()}
+
+
+def test_a_send_is_one_redis_command_and_a_broker_restart_loses_no_slot(
+    broker_app: Celery, redis_server: RedisServer
+) -> None:
+    rt = Runtime.of(broker_app)
+    ids = [add_connection(rt, f"c{i}", "http://h.example", "t").id for i in range(5)]
+    client = redis_server.client()
+    clock = ManualClock(T0)
+    scheduler = ConnectionScheduler(broker_app, clock=clock, resume=False)
+    before = _command_calls(client)
+    scheduler.tick()  # 5 polls, the relay and the purge
+    after = _command_calls(client)
+    spent = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+    assert spent["lpush"] == 7
+    assert {name: spent.get(name, 0) for name in ("publish", "subscribe", "unsubscribe")} == {
+        "publish": 0,  # no task-sent event
+        "subscribe": 0,  # no result channel
+        "unsubscribe": 0,
+    }
+    assert client.llen(POLL_QUEUE) == 7
+
+    redis_server.stop()  # the broker goes away as a poll falls due
+    due = scheduler.schedule.next_due()
+    assert due is not None
+    clock.set(due)
+    scheduler.tick()
+    redis_server.restart()  # and comes back, empty
+    clock.advance(BROKER_RETRY_SECONDS)
+    scheduler.tick()
+    headers = [json.loads(m)["headers"] for m in client.lrange(POLL_QUEUE, 0, -1)]
+    polls = [h for h in headers if h["task"] == POLL_TASK]
+    assert len(polls) == 1
+    conn_id, index = json.loads(polls[0]["argsrepr"])
+    assert conn_id in ids
+    assert due == index * INTERVAL + scheduler.schedule.offset(conn_id)
+    assert polls[0]["ignore_result"] is True
+    client.close()
 
 
 # -- the tasks beat sends ---------------------------------------------------------------------

@@ -85,7 +85,8 @@ def create_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # Flower sees every task.
+        # Flower sees every task. Beat's own sends (a poll per connection per interval, the
+        # relay) skip the task-sent event and the result channel: worker/scheduler.py.
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_track_started=True,

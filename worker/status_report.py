@@ -32,7 +32,7 @@ from storage.models import Connection, ConnectionHealth, Subscription
 from storage.vocabulary import ConnectionState, SubscriptionState
 from tasks.budget import Usage
 from tasks.settings import Settings
-from worker.scheduler import interval_index, next_start
+from worker.poll_schedule import interval_index, next_start
 
 LAG_INTERVALS = 3
 OPEN_STATES = ("pending", "dispatched")
