@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -88,7 +88,7 @@ class Actions:
       the calls are *reserved* and :class:`~tasks.budget.BudgetEmpty` carries the reservation
       and its wait; the caller comes back then with ``reservation``, and is not refused again.
     * ``wait_up_to`` seconds given (the command line): the action waits for its reservation,
-      if it is due within that time.
+      if it is due within that time (``on_wait`` is told how long).
     * neither (the Python API): :class:`~tasks.budget.BudgetEmpty` with the wait, nothing
       reserved.
 
@@ -105,11 +105,13 @@ class Actions:
         operation: str | None = None,
         reservation: str | None = None,
         wait_up_to: float = 0.0,
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.rt = rt
         self.operation = operation
         self.reservation = reservation
         self.wait_up_to = wait_up_to
+        self.on_wait = on_wait  # told each wait for the budget, in seconds
         with rt.db.session() as s:
             row = conns.get_connection(s, connection)
             if row is None:
@@ -134,6 +136,12 @@ class Actions:
         self.reservation = None  # a reservation is used once
         reserve = self.operation is not None or self.wait_up_to > 0
         deadline = time.monotonic() + self.wait_up_to
+        if self.operation is None and held is None and reserve:
+            # A waiting caller that will not wait long enough reserves nothing: a reservation
+            # it walked away from would hold calls nobody makes.
+            probe = budget.peek(self.connection_id, calls)
+            if not probe.granted and probe.wait > self.wait_up_to:
+                raise budget.empty(self.connection_id, probe)
         while True:
             if reserve:
                 grant = budget.reserve(self.connection_id, calls, held=held)
@@ -145,6 +153,8 @@ class Actions:
                 raise budget.empty(self.connection_id, grant)
             # The command line waits for its slot (a reservation honoured from its moment).
             held = grant.reservation
+            if self.on_wait is not None:
+                self.on_wait(grant.wait)
             time.sleep(grant.wait)
 
     def list_room_users(self, room: Room) -> dict[str, Any]:

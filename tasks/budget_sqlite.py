@@ -136,15 +136,23 @@ def _take(
     capped = stored_remaining is not None and reset > now
     remaining = stored_remaining if capped else 0
 
-    if held:
+    if held and mode == "reserve":
         held_epoch, _, held_stamp = held.partition(":")
         stamp = int(held_stamp)
-        if held_epoch == str(epoch) and stamp <= now <= stamp + limits.tolerance:
-            if capped and remaining < n:
-                return 0, reset - now, 0, 0
-            if capped and mode != "peek":
-                _spend(db, conn, n)
-            return 1, 0, stamp, 0
+        if held_epoch == str(epoch):
+            if now < stamp:  # early: the same reservation
+                return 2, stamp - now, stamp, epoch
+            if now <= stamp + limits.tolerance:  # due
+                if capped and remaining < n:
+                    return 0, reset - now, 0, 0
+                if capped:
+                    _spend(db, conn, n)
+                return 1, 0, stamp, 0
+            # late: its slot passed unused; its stamps stood for no call
+            db.executemany(
+                "DELETE FROM budget_log WHERE connection_id = ? AND stamp = ?",
+                [(conn, stamp + i) for i in range(n)],
+            )
 
     earliest = now
     bound = _nth_newest(db, conn, limits.capacity - n)

@@ -370,6 +370,31 @@ def test_post_and_notify(cli: Cli, ops: EmulatorServer) -> None:
     assert notification["from"] == "CI"
 
 
+def test_an_action_waits_for_a_spent_budget_and_says_so(
+    cli: Cli, ops: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting is not failure: with the budget spent, ``post`` waits for its call (up to
+    ``--wait``); ``--wait 0`` fails at once, and a wait it will not make reserves nothing."""
+    for name, value in (("CAPACITY", "1"), ("WINDOW_SECONDS", "1"), ("MARGIN_SECONDS", "0")):
+        monkeypatch.setenv(f"HIPCHAT_POLLER_BUCKET_{name}", value)
+    assert cli("post", "ops", "Factor", "first")[0] == 0  # may wait for the fixture's call
+    code, _, err = cli("post", "ops", "Factor", "refused", "--wait", "0")
+    assert code == 1
+    assert "has used its HipChat call budget" in err
+    assert "retry in" in err
+    code, _, err = cli("post", "ops", "Factor", "refused", "--wait", "0.01")
+    assert code == 1
+    assert "retry in" in err
+    assert runtime().budget.usage(1).reserved == 0  # a wait it would not make reserved nothing
+    code, _, err = cli("post", "ops", "Factor", "waited", "--wait", "5")
+    assert code == 0, err
+    assert err.startswith("the budget is spent: waiting ")
+    assert [m["message"] for m in ops.state.history("Factor")] == ["first", "waited"]
+    code, _, err = cli("post", "ops", "Factor", "x", "--wait", "soon")
+    assert code == 2
+    assert "'soon' is not a number of seconds in 0..3600" in err
+
+
 def test_add_member(cli: Cli, ops: EmulatorServer) -> None:
     carol = ops.state.create_user("Carol Clark", "carol")
 
