@@ -137,7 +137,9 @@ def deliver_task(self: Task, subscription_id: int) -> str:
         if result.reservation is not None:  # just after it is due
             countdown += random.uniform(0, rt.settings.bucket_margin_seconds / 4)
         headers = {RESERVATION_HEADER: result.reservation}
-        raise self.retry(countdown=countdown, headers=headers)
+        # The reason goes with the retry, so that Flower and the logs say why it waits.
+        why = None if result.reason is None else RetryLater(result.reason, countdown)
+        raise self.retry(countdown=countdown, headers=headers, exc=why)
     return f"subscription {subscription_id}: delivered {result.delivered}, dead {result.dead}"
 
 

@@ -49,6 +49,7 @@ class DrainResult:
     retry_after: float | None = None  # set when the drain stopped early: drain again then
     busy: bool = False  # another worker holds this subscription's drain (and was told)
     reservation: str | None = None  # the call budget reserved for the next attempt
+    reason: str | None = None  # why the drain stopped early, for the task's retry (Flower)
 
 
 def backoff_seconds(
@@ -101,9 +102,9 @@ def _drain_locked(
             if event is None:
                 return DrainResult(delivered, dead)
             if event.next_attempt_at is not None and event.next_attempt_at > moment:
-                return DrainResult(
-                    delivered, dead, (event.next_attempt_at - moment).total_seconds()
-                )
+                backoff = (event.next_attempt_at - moment).total_seconds()
+                why = f"event {event.id} waits {backoff:.1f}s for its next attempt"
+                return DrainResult(delivered, dead, backoff, reason=why)
             event_id, payload, attempts = event.id, dict(event.payload), event.attempts
         held, reservation = reservation, None  # the head event's, used or not
         started = time.monotonic()
@@ -114,7 +115,9 @@ def _drain_locked(
             if wait is None:
                 dead += 1
                 continue
-            return DrainResult(delivered, dead, wait, reservation=getattr(exc, "reservation", None))
+            why = f"event {event_id}: {type(exc).__name__}: {exc}"
+            held = getattr(exc, "reservation", None)
+            return DrainResult(delivered, dead, wait, reservation=held, reason=why)
         except (InvalidInput, NeedsAttention) as exc:
             error = f"{type(exc).__name__}: {exc}"
             _dead(rt, event_id, attempts + 1, error, moment, _ms_since(started))

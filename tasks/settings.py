@@ -69,6 +69,9 @@ class Settings:
 
     handlers_module: str | None = None
     log_level: str = "INFO"
+    # Beat touches this file every few seconds while it ticks and reaches the broker: a
+    # container healthcheck reads its age (docker-compose.yml). None: no file.
+    beat_heartbeat_file: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

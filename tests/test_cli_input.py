@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from emulator import EmulatorServer
 from tests.cli_support import ENV_PREFIX, ROOT, TOKEN, Cli, stored
+from tests.redis_server import RedisServer
 from worker import cli_run
+from worker.preflight import persistence_warning
 
 BIN = Path(sys.executable).parent
 
@@ -146,7 +149,7 @@ def test_worker_and_beat_get_the_log_level_setting(
     monkeypatch.setenv(ENV_PREFIX + "LOG_LEVEL", "WARNING")
     monkeypatch.setenv(ENV_PREFIX + "REDIS_URL", "redis://127.0.0.1:1/0")
     calls: list[list[str]] = []
-    monkeypatch.setattr(cli_run, "services_ready", lambda settings, upgrade=False: None)
+    monkeypatch.setattr(cli_run, "services_ready", lambda settings, upgrade=False: [])
     monkeypatch.setattr(cli_run, "_celery", lambda command, options: calls.append(options) or 0)
     assert cli(*argv)[0] == 0
     [options] = calls
@@ -154,6 +157,64 @@ def test_worker_and_beat_get_the_log_level_setting(
         assert options == ["--loglevel", "DEBUG"]
     else:
         assert options[-2:] == ["--loglevel", level]
+
+
+def test_workers_get_distinct_node_names_unless_one_is_given(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery's default ``celery@HOST`` is one name for every worker of a host: Flower would
+    show two workers as one."""
+    started: list[list[str]] = []
+
+    class FakeCelery:
+        @staticmethod
+        def main(args: list[str], **_: Any) -> None:
+            started.append(args)
+            raise SystemExit(0)
+
+    monkeypatch.setenv(ENV_PREFIX + "REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setattr(cli_run, "services_ready", lambda settings, upgrade=False: [])
+    monkeypatch.setattr(cli_run, "celery", FakeCelery)
+    assert cli("worker")[0] == 0
+    assert cli("worker", "-n", "mine@%h")[0] == 0
+    assert cli("worker", "--hostname=other@%h")[0] == 0
+    names = [args[args.index("-n") + 1] if "-n" in args else None for args in started]
+    assert names == [f"hipchat-{os.getpid()}@%h", "mine@%h", None]
+    assert "--hostname=other@%h" in started[2]
+
+
+def test_start_up_warnings_are_printed_and_do_not_stop_the_worker(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_PREFIX + "REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setattr(
+        cli_run, "services_ready", lambda settings, upgrade=False: ["Redis has no persistence"]
+    )
+    monkeypatch.setattr(cli_run, "_celery", lambda command, options: 0)
+    assert cli("worker") == (0, "", "warning: Redis has no persistence\n")
+
+
+def test_redis_without_persistence_is_warned_about(redis_server: RedisServer) -> None:
+    client = redis_server.client(decode_responses=True)
+    client.config_set("appendonly", "no")
+    client.config_set("save", "")
+    warning = persistence_warning(client)
+    assert warning is not None
+    assert warning.startswith("Redis has no persistence")
+    assert "--appendonly yes" in warning
+    client.config_set("save", "3600 1")
+    assert persistence_warning(client) is None  # snapshots are persistence
+    client.config_set("save", "")
+    client.config_set("appendonly", "yes")
+    assert persistence_warning(client) is None
+
+
+def test_a_redis_that_refuses_config_is_not_warned_about() -> None:
+    class ManagedRedis(redis.Redis):
+        def config_get(self, *args: Any, **kwargs: Any) -> Any:
+            raise redis.ResponseError("unknown command 'CONFIG'")
+
+    assert persistence_warning(ManagedRedis(host="127.0.0.1", port=1)) is None
 
 
 # -- services that are not there at start ---------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -90,8 +91,8 @@ def passthrough(argv: list[str]) -> int | None:
                 file=sys.stderr,
             )
             return 2
-        _warn(settings)
-        services_ready(settings)
+        _warn(settings.warnings())  # first: they say why what follows may fail
+        _warn(services_ready(settings))
         level = level or settings.log_level.upper()
     if level and not any(a.startswith(("-l", "--loglevel")) for a in options):
         options = [*options, "--loglevel", level]
@@ -111,6 +112,10 @@ def _celery(command: str, options: list[str]) -> int:
     if command == "worker":
         queues = any(a.startswith(("-Q", "--queues")) for a in options)
         extra = [] if queues else ["-Q", f"{POLL_QUEUE},{ACTION_QUEUE}"]
+        named = any(a.startswith("--hostname") or (a[:2] == "-n") for a in options)
+        # Celery's default, celery@HOST, is the same for every worker on a host: Flower and
+        # `celery inspect` would see two workers as one. The process id tells them apart.
+        extra += [] if named else ["-n", f"hipchat-{os.getpid()}@%h"]
         args = ["-A", APP, "worker", "-E", *extra, *options]
     else:
         args = ["-A", APP, "beat", *options]
@@ -123,16 +128,16 @@ def _celery(command: str, options: list[str]) -> int:
     return 0
 
 
-def _warn(settings: Settings) -> None:
-    for warning in settings.warnings():
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    _warn(settings)
     # On embedded defaults this is the one process using the database: it may upgrade it.
-    services_ready(settings, upgrade=settings.embedded)
+    _warn(settings.warnings())
+    _warn(services_ready(settings, upgrade=settings.embedded))
     app = create_app(settings)
     rt = Runtime.of(app)
     mode = "embedded (in-process broker and bucket)" if settings.embedded else "Redis"
