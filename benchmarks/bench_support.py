@@ -241,7 +241,8 @@ def machine_state(sample_seconds: float = 1.0, exclude: Sequence[int] = ()) -> s
 
 
 def commit_of_product() -> str:
-    """``<commit> (<subject>)``, plus a note if the product's files differ from it."""
+    """The checkout's commit and the last commit that changed the product's code (what
+    was measured), plus a note if the product's files have uncommitted changes."""
 
     def git(*args: str) -> str:
         done = subprocess.run(
@@ -249,9 +250,11 @@ def commit_of_product() -> str:
         )
         return done.stdout.strip()
 
-    commit = git("log", "-1", "--format=%h %s")[:90] or "unknown"
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    product = git("log", "-1", "--format=%h (%ad, %s)", "--date=short", "--", *PRODUCT_DIRS)
     dirty = git("status", "--porcelain", "--", *PRODUCT_DIRS)
-    return commit + (" + uncommitted changes to the product" if dirty else "")
+    found = f"{head}; product code as of {product[:100] or 'unknown'}"
+    return found + (" + uncommitted changes to the product" if dirty else "")
 
 
 # -- arithmetic --------------------------------------------------------------------------------

@@ -348,8 +348,12 @@ def summary(results: list[LevelResult]) -> list[str]:
 
 
 def final_line(r: LevelResult) -> str:
+    """The one line to compare runs by; the detection p99 is over the delivered messages, so
+    undelivered ones are named after it."""
+    d = r.detect
+    lost = f" ({d.undelivered} of {d.posted} messages never delivered)" if d.undelivered else ""
     return (
         f"scale: {r.connections} connections, {r.polls.missed} missed, "
         f"{r.per_poll(r.stack_cpu) * 1000:.1f} ms CPU per poll, "
-        f"detection p99 {fmt_s(percentile(r.detect.latency, 99))} s"
+        f"detection p99 {fmt_s(percentile(d.latency, 99))} s{lost}"
     )
