@@ -149,11 +149,14 @@ class EmulatorProcess:
         ]  # fmt: skip
         service = Service("emulator", argv, env, tmp, tmp / "emulator.log").start()
         deadline = time.monotonic() + 120
-        while not manifest.exists():
-            if not service.alive() or time.monotonic() > deadline:
-                service.stop()
-                raise SystemExit(f"the emulator did not start:\n{tail(service.log_text())}")
-            time.sleep(0.05)
+        try:
+            while not manifest.exists():
+                if not service.alive() or time.monotonic() > deadline:
+                    raise SystemExit(f"the emulator did not start:\n{tail(service.log_text())}")
+                time.sleep(0.05)
+        except BaseException:  # Ctrl-C included: the caller has no handle to stop it yet
+            service.stop()
+            raise
         data = json.loads(manifest.read_text())
         made = cls(service, data["base_url"], data["poster"], data["connections"])
         made.control.trust_env = False

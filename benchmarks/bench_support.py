@@ -10,6 +10,8 @@
 * :func:`create_connections`: connections with one webhook subscription per room, through
   the storage layer.
 * :func:`percentile`, :func:`fmt_ms`: the arithmetic every report uses.
+* :func:`interrupt_on_signals`: SIGTERM and SIGHUP unwind like Ctrl-C, so that a script's
+  ``finally`` blocks stop what it started.
 
 Imported by the scripts in ``benchmarks/`` (which put the repository root on ``sys.path``);
 it needs no pytest, only what the product already depends on.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import signal
 import subprocess
 import time
 import uuid
@@ -27,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import psycopg
@@ -44,6 +48,23 @@ POSTGRES_ADMIN_URL = os.environ.get(
 PRODUCT_DIRS = ("worker", "tasks", "storage", "emulator")
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- signals --------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+
+def interrupt_on_signals() -> None:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+    # Also when started in the background, where a shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------

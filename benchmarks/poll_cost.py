@@ -66,9 +66,11 @@ from benchmarks.bench_emulator import EmulatorProcess, rooms_range
 from benchmarks.bench_support import (
     POSTGRES_ADMIN_URL,
     Conn,
+    Interrupted,
     commit_of_product,
     create_connections,
     fresh_postgres,
+    interrupt_on_signals,
     machine_state,
     percentile,
 )
@@ -474,6 +476,31 @@ def goals(backend: Backend, phases: list[Phase]) -> Goals:
     )
 
 
+def measure_all(
+    args: argparse.Namespace, names: list[str]
+) -> tuple[list[tuple[Backend, list[Phase]]], float]:
+    """Every backend's phases, and the mean number of rooms per connection."""
+    results: list[tuple[Backend, list[Phase]]] = []
+    with tempfile.TemporaryDirectory(prefix="poll-cost-") as tmp_name:
+        tmp = Path(tmp_name)
+        emulator = EmulatorProcess.start(
+            tmp, dict(os.environ), args.connections, args.rooms_per_connection, rate_limit=10**9
+        )
+        try:
+            for spec in emulator.connections:
+                for room_id, _ in spec["rooms"]:
+                    for n in range(SEED_MESSAGES):
+                        emulator.post(room_id, f"old message {n}")
+            with backends(names, args.postgres_admin_url, tmp) as made:
+                for backend in made:
+                    print(f"{backend.label} ...", flush=True)
+                    results.append((backend, run_backend(backend, emulator, args)))
+        finally:
+            emulator.stop()
+    rooms = sum(len(s["rooms"]) for s in emulator.connections) / len(emulator.connections)
+    return results, rooms
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--polls", type=int, default=300, help="measured polls per phase")
@@ -490,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = shlex.join(
         ["python", "benchmarks/poll_cost.py", *(sys.argv[1:] if argv is None else argv)]
     )
+    interrupt_on_signals()
     print(f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     print(f"reproduce: {shown}")
     print(f"commit measured: {commit_of_product()}")
@@ -498,26 +526,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{sqlalchemy.__version__}, psycopg {psycopg.__version__}, redis-py "
         f"{redis.__version__}, requests {requests.__version__}"
     )
-    print(f"machine at start: {machine_state()}\n", flush=True)
-    results: list[tuple[Backend, list[Phase]]] = []
-    with tempfile.TemporaryDirectory(prefix="poll-cost-") as tmp_name:
-        tmp = Path(tmp_name)
-        env = dict(os.environ)
-        emulator = EmulatorProcess.start(
-            tmp, env, args.connections, args.rooms_per_connection, rate_limit=10**9
-        )
-        try:
-            for spec in emulator.connections:
-                for room_id, _ in spec["rooms"]:
-                    for n in range(SEED_MESSAGES):
-                        emulator.post(room_id, f"old message {n}")
-            with backends(names, args.postgres_admin_url, tmp) as made:
-                for backend in made:
-                    print(f"{backend.label} ...", flush=True)
-                    results.append((backend, run_backend(backend, emulator, args)))
-        finally:
-            emulator.stop()
-    rooms = sum(len(s["rooms"]) for s in emulator.connections) / len(emulator.connections)
+    try:
+        print(f"machine at start: {machine_state()}\n", flush=True)
+        results, rooms = measure_all(args, names)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print(f"interrupted ({type(exc).__name__}); everything started was stopped", flush=True)
+        return 130
     print(
         f"\n{args.connections} connections, {rooms:g} rooms each on average; "
         f"per poll, means over {args.polls} interleaved pairs per phase:\n"

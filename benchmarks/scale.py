@@ -45,7 +45,6 @@ import platform
 import random
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -55,7 +54,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -69,10 +67,12 @@ from benchmarks.bench_emulator import EmulatorProcess, rooms_range
 from benchmarks.bench_support import (
     POSTGRES_ADMIN_URL,
     Conn,
+    Interrupted,
     PgDatabase,
     commit_of_product,
     create_connections,
     fresh_postgres,
+    interrupt_on_signals,
     machine_state,
     rss_bytes,
     tree_rss_bytes,
@@ -104,14 +104,6 @@ from tests.redis_server import RedisServer
 
 BIN = Path(sys.executable).parent
 HIPCHAT_POLLER = str(BIN / "hipchat-poller")
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGHUP: unwind like Ctrl-C, so every process and database is cleaned up."""
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signal.Signals(signum).name)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -499,17 +491,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shown = shlex.join(["python", "benchmarks/scale.py", *(sys.argv[1:] if argv is None else argv)])
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
-    # Also when started in the background, where a shell leaves SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupt_on_signals()
     print(f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     print(f"reproduce: {shown}")
     print(f"commit measured: {commit_of_product()}")
     print(f"software: Python {platform.python_version()} ({platform.machine()})")
-    print(f"machine at start: {machine_state()}\n", flush=True)
     results = []
     try:
+        print(f"machine at start: {machine_state()}\n", flush=True)
         for n in args.levels:
             print(f"level {n} connections:", flush=True)
             results.append(run_level(args, n))
