@@ -128,7 +128,8 @@ def create_connections(
     ``room_message`` webhook subscription per room, through the storage layer, ``batch``
     connections per transaction. ``webhook_url(connection id, secret)`` gives each
     connection's URL (and may register its secret with a receiver). Each room is stored as
-    resolved, as the first poll's ``resolve_rooms`` would store it: no lookup call."""
+    resolved, as the first poll's ``resolve_rooms`` would store it: no lookup call. Each
+    connection's budget is started where the code has that step."""
     made: list[Conn] = []
     for start in range(0, len(specs), batch):
         with rt.db.session() as s:
@@ -153,6 +154,12 @@ def create_connections(
                 rooms = tuple(int(r[0]) for r in spec["rooms"])
                 offset = row.poll_offset_seconds % interval
                 made.append(Conn(row.id, offset, rooms, spec["token"], int(spec["user"])))
+        # Newer code starts a new connection's budget (tasks.connections_api.start_budgets),
+        # without which its first calls wait a whole window; older code has no such step.
+        initialise = getattr(rt.budget, "initialise", None)
+        if initialise is not None:
+            for conn in made[start:]:
+                initialise(conn.id)
     return made
 
 

@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -46,13 +47,24 @@ class TaskRecord:
     uuid: str
     name: str | None = None
     args: tuple[Any, ...] = ()
-    sent: float | None = None
+    sent: float | None = None  # the task-sent event: beat may send none (see scale_report)
+    expires: float | None = None  # the message's expiry: beat sets it to send time + interval
     received: float | None = None
     started: float | None = None
     finished: float | None = None
     state: str | None = None  # the last of succeeded, failed, retried, rejected, revoked
     result: str = ""
     expired: bool = False
+
+
+def _epoch(text: Any) -> float | None:
+    """An ISO time with its zone (Celery's ``expires``) as epoch seconds."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 def _decode_args(text: Any) -> tuple[Any, ...]:
@@ -131,6 +143,7 @@ class TaskEvents:
             if kind in ("task-sent", "task-received"):
                 task.name = task.name or event.get("name")
                 task.args = task.args or _decode_args(event.get("args"))
+                task.expires = task.expires or _epoch(event.get("expires"))
             if kind == "task-sent":
                 task.sent = at if task.sent is None else min(task.sent, at)
             elif kind == "task-received":

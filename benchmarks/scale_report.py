@@ -8,12 +8,17 @@ Definitions (every time is an epoch second from the same machine clock):
 * **due**: the slots that start inside the measured window ``[t0, t1)``.
 * **done**: a due slot with a poll task ``(c, k)`` that succeeded with a real poll (not
   "already polled in interval k", not "a poll is already running"), whenever it finished.
-  **missed** = due - done, split by why: never sent, expired before it ran, failed, not
-  finished by the end of the run, or only refused as a duplicate.
-* **beat drift**: ``task-sent`` time minus the slot (how late beat sent it); **start lag**:
-  ``task-started`` minus the slot; **queue wait**: ``task-started`` minus ``task-sent``.
-  ``task-sent`` is stamped by beat, ``task-started`` by the worker's main process when a
-  pool process accepts the task.
+  **missed** = due - done, split by why: never seen (never sent, or still queued at the
+  end), expired before it ran, failed, not finished by the end of the run, or only refused
+  as a duplicate.
+* **send time**: the ``task-sent`` event's time (stamped by beat), or, when beat sends polls
+  without that event (it may: the event costs a PUBLISH per poll), the message's
+  ``expires`` minus the interval: beat sends every poll with ``expires=interval``, which
+  Celery turns into send time + interval (carried by ``task-received``).
+* **beat drift**: send time minus the slot (how late beat sent it); **start lag**:
+  ``task-started`` minus the slot; **queue wait**: ``task-started`` minus the send time.
+  ``task-started`` is stamped by the worker's main process when a pool process accepts the
+  task.
 * **CPU per poll**: CPU a process used in the window divided by the real polls that
   finished in it; transactions and commands per poll likewise.
 * **detection latency**: the webhook's arrival at the receiver minus the message's date in
@@ -65,6 +70,13 @@ def due_slots(
     return found
 
 
+def sent_at(task: TaskRecord, interval: float) -> float | None:
+    """When beat sent the task: its task-sent event, else its expiry minus the interval."""
+    if task.sent is not None:
+        return task.sent
+    return task.expires - interval if task.expires is not None else None
+
+
 def is_real_poll(task: TaskRecord) -> bool:
     return task.state == "task-succeeded" and not any(x in task.result for x in NOT_A_POLL)
 
@@ -79,13 +91,14 @@ def poll_key(task: TaskRecord) -> tuple[int, int] | None:
 class PollStats:
     due: int = 0
     done: int = 0
-    not_sent: int = 0
+    not_seen: int = 0
     expired: int = 0
     failed: int = 0
     unfinished: int = 0
     refused_only: int = 0  # every task of the slot answered "already polled/running"
     late: int = 0  # done, but started after the slot's interval had ended
     duplicates: int = 0  # tasks refused as a second poll of a slot (any slot)
+    sent_from_expires: int = 0  # send times taken from the expiry (no task-sent event)
     drift: list[float] = field(default_factory=list)
     start_lag: list[float] = field(default_factory=list)
     queue_wait: list[float] = field(default_factory=list)
@@ -108,21 +121,22 @@ def poll_stats(
                 stats.duplicates += 1
     for conn, k, start in slots:
         mine = by_slot.get((conn, k), [])
-        sent = [t.sent for t in mine if t.sent is not None]
+        sent = [x for t in mine if (x := sent_at(t, interval)) is not None]
         if sent:
             stats.drift.append(min(sent) - start)
+            stats.sent_from_expires += all(t.sent is None for t in mine)
         done = [t for t in mine if is_real_poll(t)]
         if done:
             stats.done += 1
             task = done[0]
             if task.started is not None:
                 stats.start_lag.append(task.started - start)
-                if task.sent is not None:
-                    stats.queue_wait.append(task.started - task.sent)
+                if (at := sent_at(task, interval)) is not None:
+                    stats.queue_wait.append(task.started - at)
                 if task.started >= start + interval:
                     stats.late += 1
         elif not mine:
-            stats.not_sent += 1
+            stats.not_seen += 1
         elif any(t.expired for t in mine):
             stats.expired += 1
         elif any(t.state == "task-failed" for t in mine):
@@ -250,20 +264,25 @@ def _mb(value: int) -> str:
 
 def report(r: LevelResult) -> list[str]:
     p, d = r.polls, r.detect
+    sent_from = (
+        "sent from task-sent events"
+        if not p.sent_from_expires
+        else f"sent from expires - interval for {p.sent_from_expires} of {len(p.drift)}"
+    )
     lines = [
         f"### {r.connections} connections, interval {r.interval:g} s, window {r.window:.0f} s",
         "",
         f"setup {r.setup_seconds:.0f} s, warm-up {r.warmup_seconds:.0f} s"
         + (f" ({r.warmup_note})" if r.warmup_note else ""),
-        f"polls: due {p.due}, done {p.done}, missed {p.missed} (never sent {p.not_sent}, "
+        f"polls: due {p.due}, done {p.done}, missed {p.missed} (never seen {p.not_seen}, "
         f"expired {p.expired}, failed {p.failed}, unfinished {p.unfinished}, "
         f"refused as duplicates only {p.refused_only}); started after their interval "
         f"{p.late}; duplicate tasks refused {p.duplicates}",
-        f"beat drift (task-sent - slot) ms: p50 {fmt_ms(percentile(p.drift, 50))}, "
+        f"beat drift (sent - slot; {sent_from}) ms: p50 {fmt_ms(percentile(p.drift, 50))}, "
         f"p99 {fmt_ms(percentile(p.drift, 99))}, max {fmt_ms(max(p.drift, default=math.nan))}",
         f"start lag (task-started - slot) ms: p50 {fmt_ms(percentile(p.start_lag, 50))}, "
         f"p99 {fmt_ms(percentile(p.start_lag, 99))}",
-        f"queue wait (task-started - task-sent) ms: p50 {fmt_ms(percentile(p.queue_wait, 50))}, "
+        f"queue wait (task-started - sent) ms: p50 {fmt_ms(percentile(p.queue_wait, 50))}, "
         f"p95 {fmt_ms(percentile(p.queue_wait, 95))}, p99 {fmt_ms(percentile(p.queue_wait, 99))}",
         f"detection (webhook arrival - message date) s: p50 {fmt_s(percentile(d.latency, 50))}, "
         f"p99 {fmt_s(percentile(d.latency, 99))}; ideal (to the next slot) p50 "

@@ -80,11 +80,21 @@ def test_poll_stats_sorts_each_due_slot_by_what_happened_to_it() -> None:
     ]
     stats = poll_stats(tasks, slots, 10.0)
     assert (stats.due, stats.done, stats.missed) == (6, 2, 4)
-    assert (stats.expired, stats.failed, stats.unfinished, stats.not_sent) == (1, 1, 1, 1)
+    assert (stats.expired, stats.failed, stats.unfinished, stats.not_seen) == (1, 1, 1, 1)
     assert (stats.late, stats.duplicates, stats.refused_only) == (1, 1, 0)
     assert stats.drift == pytest.approx([0.005, 0.004, 0.0, 0.0, 0.0])
     assert stats.start_lag == pytest.approx([0.015, 10.5])
     assert stats.queue_wait == pytest.approx([0.01, 10.496])
+
+
+def test_without_task_sent_events_the_send_time_is_the_expiry_minus_the_interval() -> None:
+    # Beat sends with expires=interval (10 s here) and may send no task-sent event.
+    task = ok(1, 2, sent=0.0, started=22.5)
+    task.sent, task.expires = None, 32.25
+    stats = poll_stats([task], [(1, 2, 22.0)], 10.0)
+    assert stats.drift == pytest.approx([0.25])
+    assert stats.queue_wait == pytest.approx([0.25])
+    assert stats.sent_from_expires == 1
 
 
 def test_polls_finished_in_counts_real_polls_only() -> None:
