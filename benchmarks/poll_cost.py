@@ -24,10 +24,10 @@ Measured per poll: CPU (``time.process_time``) and wall time, each as a ratio to
 calls of the same pairs; HipChat calls (the emulator's call log); PostgreSQL transactions
 as the server counts them (``pg_stat_database`` of the run's own database, read after the
 engine's connections closed, which flushes their statistics) and as SQLAlchemy sees them
-(``begin`` events, plus one ``pool_pre_ping`` per checkout on PostgreSQL); SQL statements
-(``before_cursor_execute``); Redis commands sent (a hook on the client's
+(``begin`` events, plus one ``pool_pre_ping`` per checkout when the engine pre-pings); SQL
+statements (``before_cursor_execute``); Redis commands sent (a hook on the client's
 ``execute_command``) and, on the run's own ``redis-server``, executed (``INFO
-commandstats``: the commands inside Lua scripts too).
+commandstats``: the commands inside Lua scripts too). The Redis goal is printed for both.
 
 Backends: ``postgresql`` (a fresh database, dropped at the end; a ``redis-server`` of the
 run's own) and ``sqlite`` (the embedded default: SQLite in a temporary directory and
@@ -150,6 +150,7 @@ class Backend:
     redis_server: RedisServer | None = None
     pg_admin_url: str | None = None
     pg_database: str | None = None
+    pre_ping: bool = False  # the engine pings each connection it checks out (set when run)
 
     def server_commands(self) -> dict[str, int] | None:
         if self.redis_server is None:
@@ -352,6 +353,8 @@ def run_backend(
 ) -> list[Phase]:
     app = create_app(backend.settings)
     rt = Runtime.of(app)
+    # A pre-ping is a transaction of its own on the server; SQLAlchemy has no event for it.
+    backend.pre_ping = bool(getattr(rt.db.engine.pool, "_pre_ping", False))
     try:
         rt.db.upgrade()
         connections = create_connections(
@@ -405,7 +408,7 @@ def report(results: list[tuple[Backend, list[Phase]]]) -> list[str]:
     for backend, phases in results:
         for p in phases:
             blocks = p.block_ratios(p.cpu, p.bare_cpu)
-            pings = p.tally.checkouts if backend.pg_database else 0
+            pings = p.tally.checkouts if backend.pre_ping else 0
             lines.append(
                 f"| {backend.label} | {p.what} | {p.polls} "
                 f"| {statistics.mean(p.cpu) * 1000:.2f} | {statistics.mean(p.bare_cpu) * 1000:.2f} "
@@ -425,33 +428,44 @@ def report(results: list[tuple[Backend, list[Phase]]]) -> list[str]:
 
 @dataclass
 class Goals:
+    """The goals of issue 9 for one backend. The Redis goal is read two ways, both printed:
+    commands *sent* (round trips) and commands *executed* (the scripts' own included, how
+    the issue counts "7 Redis commands inside its Lua"); fakeredis shows only the first."""
+
     backend: str
     cpu_ratio: float
     transactions: float
-    commands: float
+    sent: float
+    executed: float | None
     commands_goal: float
-    commands_what: str
 
     def lines(self) -> list[str]:
-        def verdict(ok: bool) -> str:
-            return "met" if ok else "NOT met"
+        def verdict(value: float, goal: float) -> str:
+            return f"{value:.1f} (goal <= {goal:g}): " + ("met" if value <= goal else "NOT met")
 
-        return [
+        goal = self.commands_goal
+        lines = [
             f"{self.backend}:",
-            f"  CPU of a quiet poll / its bare HTTP calls: {self.cpu_ratio:.1f} (goal <= "
-            f"{GOAL_CPU_RATIO:g}): {verdict(self.cpu_ratio <= GOAL_CPU_RATIO)}",
-            f"  database transactions per quiet poll: {self.transactions:.1f} (goal <= "
-            f"{GOAL_TRANSACTIONS}): {verdict(self.transactions <= GOAL_TRANSACTIONS)}",
-            f"  Redis commands per quiet poll task ({self.commands_what}): {self.commands:.1f} "
-            f"(goal <= {GOAL_COMMANDS_PER_CALL} per HipChat call + {GOAL_COMMANDS_PER_POLL} = "
-            f"{self.commands_goal:.1f}): {verdict(self.commands <= self.commands_goal)}",
+            "  CPU of a quiet poll / its bare HTTP calls: "
+            + verdict(self.cpu_ratio, GOAL_CPU_RATIO),
+            "  database transactions per quiet poll: "
+            + verdict(self.transactions, GOAL_TRANSACTIONS),
+            f"  Redis commands per quiet poll task (goal: {GOAL_COMMANDS_PER_CALL} per HipChat "
+            f"call + {GOAL_COMMANDS_PER_POLL}), sent: " + verdict(self.sent, goal),
         ]
+        if self.executed is not None:
+            lines.append(
+                "  Redis commands per quiet poll task, executed (inside Lua included): "
+                + verdict(self.executed, goal)
+            )
+        return lines
 
     def final(self) -> str:
+        executed = f" ({self.executed:.1f} executed)" if self.executed is not None else ""
         return (
             f"poll_cost: {self.backend}: CPU {self.cpu_ratio:.1f}x bare, "
-            f"{self.transactions:.1f} database transactions, {self.commands:.1f} Redis "
-            f"commands per quiet poll"
+            f"{self.transactions:.1f} database transactions, {self.sent:.1f} Redis commands "
+            f"sent{executed} per quiet poll"
         )
 
 
@@ -461,18 +475,15 @@ def goals(backend: Backend, phases: list[Phase]) -> Goals:
         transactions = poll.per_server_poll(poll.transactions)
     else:
         transactions = poll.per_poll(poll.tally.begins)
-    if task.commands is not None:
-        commands, what = task.per_server_poll(task.commands), "executed, inside Lua included"
-    else:
-        commands, what = task.per_poll(task.tally.redis_sent), "sent; fakeredis hides Lua's"
+    executed = task.per_server_poll(task.commands) if task.commands is not None else None
     calls = task.per_server_poll(task.calls)
     return Goals(
         backend.label,
         poll.ratio(poll.cpu, poll.bare_cpu),
         transactions,
-        commands,
+        task.per_poll(task.tally.redis_sent),
+        executed,
         GOAL_COMMANDS_PER_CALL * calls + GOAL_COMMANDS_PER_POLL,
-        what,
     )
 
 

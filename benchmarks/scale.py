@@ -21,7 +21,8 @@ failure:
 
 N connections are created through the storage layer (``storage.connections.add_connection``,
 ``storage.subscriptions.add_subscription``; each connection's rooms resolved as the first
-poll would resolve them), each with a ``room_message`` webhook subscription per room. Beat
+poll would resolve them, its budget started where the code has ``budget.initialise``), each
+with a ``room_message`` webhook subscription per room. Beat
 then sends every connection's first (priming) poll at once; the warm-up waits until every
 subscription is primed and at least one interval has passed. Then K intervals are measured,
 while messages are posted into random watched rooms at ``--message-rate`` per second. After

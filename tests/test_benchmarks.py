@@ -202,7 +202,7 @@ def test_poll_cost_runs_with_few_polls_and_prints_its_final_lines() -> None:
     )
     pattern = (
         r"poll_cost: {}: CPU [\d.]+x bare, [\d.]+ database transactions, "
-        r"[\d.]+ Redis commands per quiet poll"
+        r"[\d.]+ Redis commands sent( \([\d.]+ executed\))? per quiet poll"
     )
     assert re.fullmatch(pattern.format(r"SQLite \+ fakeredis \(embedded\)"), lines[-2]), lines
     assert re.fullmatch(pattern.format(r"PostgreSQL [\d.]+ \+ Redis [\d.]+"), lines[-1]), lines
