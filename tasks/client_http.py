@@ -59,7 +59,9 @@ from tasks.ratelimit_headers import parse_rate_limit, retry_after_seconds, too_m
 log = logging.getLogger("tasks.client")
 T = TypeVar("T")
 
-POOL_MAXSIZE = 10
+# Connections kept open per host: at least the threads of a `-P threads` worker that may call
+# one HipChat server at once (a connection beyond it is opened, used and closed).
+POOL_MAXSIZE = 32
 DEFAULT_SERVER_RETRY_SECONDS = 5.0
 DEFAULT_TRANSPORT_RETRY_SECONDS = 5.0
 _SERVER_TEXT_MAX_CHARS = 200

@@ -360,9 +360,11 @@ class Service:
     proc: subprocess.Popen[bytes] | None = None
     returncode: int | None = None
     _log: Any = field(default=None, repr=False)
+    _terminated: bool = field(default=False, repr=False)
 
     def start(self) -> Service:
         self._log = self.log_path.open("ab")
+        self._terminated = False
         self.proc = subprocess.Popen(
             self.argv,
             env=self.env,
@@ -381,8 +383,10 @@ class Service:
         return self.proc is not None and self.proc.poll() is None
 
     def terminate(self) -> None:
-        """Ask it to stop (SIGTERM) without waiting: several services stop in parallel."""
-        if self.proc is not None and self.proc.poll() is None:
+        """Ask it to stop (SIGTERM) without waiting: several services stop in parallel. Sent
+        once: a second SIGTERM during Celery's warm shutdown makes it wait for the timeout."""
+        if self.proc is not None and self.proc.poll() is None and not self._terminated:
+            self._terminated = True
             self.proc.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 20.0) -> int | None:

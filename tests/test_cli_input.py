@@ -183,6 +183,20 @@ def test_workers_get_distinct_node_names_unless_one_is_given(
     assert "--hostname=other@%h" in started[2]
 
 
+@pytest.mark.parametrize(
+    "options", [["-P", "gevent"], ["-Peventlet"], ["--pool", "gevent"], ["--pool=eventlet"]]
+)
+def test_green_thread_pools_are_refused_with_a_reason(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, options: list[str]
+) -> None:
+    started: list[list[str]] = []
+    monkeypatch.setattr(cli_run, "_celery", lambda command, opts: started.append(opts) or 0)
+    code, out, err = cli("worker", "--concurrency", "4", *options)
+    assert (code, out, started) == (2, "", [])
+    assert err.startswith("error: `-P ")
+    assert "use `-P threads --concurrency N`" in err
+
+
 def test_start_up_warnings_are_printed_and_do_not_stop_the_worker(
     cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:

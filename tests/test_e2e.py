@@ -126,8 +126,9 @@ class E2E:
             self.redis.host, self.redis.port, 0, self.tmp / "redis-monitor.log"
         ).start()
         workers = [
-            # Worker b logs at DEBUG, which shows the arguments of every task it runs.
-            ("worker-a", ["--concurrency", "2", "--loglevel", "INFO"]),
+            # Worker a runs the thread pool, worker b the default prefork pool: every test
+            # runs on both. Worker b logs at DEBUG, which shows the arguments of every task.
+            ("worker-a", ["-P", "threads", "--concurrency", "4", "--loglevel", "INFO"]),
             ("worker-b", ["--concurrency", "2", "--loglevel", "DEBUG"]),
         ]
         for name, options in workers:

@@ -79,6 +79,16 @@ def passthrough(argv: list[str]) -> int | None:
     if command == "emulator":
         return emulator_main(options)
     wants_help = any(a in HELP_FLAGS for a in options)
+    pool = _pool(options) if command == "worker" else None
+    if pool in UNSUPPORTED_POOLS:
+        print(
+            f"error: `-P {pool}` is not supported: a green-thread pool must patch the standard "
+            "library before anything else is imported, and by then this command has imported "
+            "Redis, requests and SQLAlchemy (one task's I/O would block the others); for many "
+            "slow HipChat calls use `-P threads --concurrency N`, else the default prefork pool",
+            file=sys.stderr,
+        )
+        return 2
     if not wants_help:
         settings = Settings.from_env()
         if settings.embedded:
@@ -97,6 +107,22 @@ def passthrough(argv: list[str]) -> int | None:
     if level and not any(a.startswith(("-l", "--loglevel")) for a in options):
         options = [*options, "--loglevel", level]
     return _celery(command, options)
+
+
+# Celery's green-thread pools (its -P names and their aliases).
+UNSUPPORTED_POOLS = ("gevent", "eventlet")
+
+
+def _pool(options: list[str]) -> str | None:
+    """The pool Celery's options ask for (``-P X``, ``-PX``, ``--pool X``, ``--pool=X``)."""
+    for i, option in enumerate(options):
+        if option in ("-P", "--pool"):
+            return options[i + 1] if i + 1 < len(options) else None
+        if option.startswith("--pool="):
+            return option.partition("=")[2]
+        if option.startswith("-P") and len(option) > 2:
+            return option[2:]
+    return None
 
 
 def _global_log_level(argv: list[str]) -> tuple[str | None, list[str]]:
