@@ -15,8 +15,10 @@ What the budget adds on top of that rule:
   a delivery) gets the first moment its calls fit, written into the log, and comes back then
   holding the reservation: one wait, no retry storm, first come first served (a later caller
   queues behind every reservation). A reservation is honoured from its moment until
-  ``margin / 2`` after it (so that a late caller cannot squeeze two calls closer than W);
-  a caller later than that takes anew.
+  ``margin / 2`` after it (so that a late caller cannot squeeze two calls closer than W); a
+  caller that comes back early gets the same reservation with what is left of its wait, and
+  one later than the tolerance gives its slot back (its stamps stood for no call and leave
+  the log) and queues again.
 * **HipChat's own word** (:meth:`observe`, :meth:`observe_429`): ``X-Ratelimit-Remaining`` /
   ``-Reset`` and 429s lower the budget until HipChat's reset, whatever our own count says.
 * **A lost log refuses a window**: the state hash carries an ``epoch``; when Redis comes back
