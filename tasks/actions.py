@@ -188,7 +188,9 @@ class Actions:
         earlier = self._began()
         with self._client(calls=1 if earlier is None else 2) as client:
             if earlier is not None:
-                found = self._earlier(client, ref, earlier, "message", message, None)
+                found = _earlier_post(
+                    self.rt, self.connection_id, client, ref, earlier, "message", message, None
+                )
                 if found is not None:
                     self.rt.posts.remember(self.connection_id, [posts.message_key(found.id)])
                     return {"id": found.id, "timestamp": found.raw.get("date"), "repeated": True}
@@ -259,19 +261,6 @@ class Actions:
             except BadRequest as exc:
                 raise ValidationError(f"HipChat refused to add {ref!r}: {exc}") from exc
         return {"added": True, "room": found.id, "user": ref}
-
-    def _earlier(
-        self,
-        client: HipChatClient,
-        room: Room,
-        began: float,
-        kind: str,
-        text: str,
-        from_label: str | None,
-    ) -> Message | None:
-        return _earlier_post(
-            self.rt, self.connection_id, client, room, began, kind, text, from_label
-        )
 
     def _began(self) -> float | None:
         """Record this operation's intent to post; when an earlier attempt of it began."""

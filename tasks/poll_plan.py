@@ -137,10 +137,13 @@ def load(rt: Runtime, connection_id: int) -> PollState | None:
 _H, _S, _W = ConnectionHealth, Subscription, Watermark
 _ONE_READ = (
     select(
-        Connection.state, Connection.name, Connection.base_url, Connection.token_encrypted,
+        # Labelled so that a row reads as a subscription (SubView.of) and as a health record
+        # (Health.of): both take the attributes they need.
+        Connection.id.label("connection_id"), Connection.state,
+        Connection.name.label("conn_name"), Connection.base_url, Connection.token_encrypted,
         _H.connection_id.label("health_of"), _H.last_poll_at, _H.last_ok_at, _H.status,
         _H.failing_since, _H.rooms, _H.behind,
-        _S.id, _S.name.label("sub_name"), _S.event, _S.room, _S.room_id, _S.room_name,
+        _S.id, _S.name, _S.event, _S.room, _S.room_id, _S.room_name,
         _S.filter, _S.target_kind, _S.target, _S.backfill, _S.primed_at, _S.include_own,
         _W.room_id.label("mark_room"), _W.stream, _W.last_id, _W.last_date,
     )
@@ -168,21 +171,7 @@ def _read(s: Session, connection_id: int) -> tuple[Any, ...] | None:
     marks: dict[tuple[int, str], HistoryMark] = {}
     for row in rows:
         if row.id is not None and row.id not in views:
-            views[row.id] = SubView(
-                id=row.id,
-                connection_id=connection_id,
-                name=row.sub_name,
-                event=row.event,
-                room=row.room,
-                room_id=row.room_id,
-                room_name=row.room_name,
-                filter=row.filter,
-                target_kind=row.target_kind,
-                target=dict(row.target or {}),
-                backfill=row.backfill or 0,
-                primed_at=row.primed_at,
-                include_own=bool(row.include_own),
-            )
+            views[row.id] = SubView.of(row)
         if row.stream is not None:
             marks[(row.mark_room, row.stream)] = HistoryMark(row.last_id, row.last_date)
     subscriptions = list(views.values())
@@ -206,18 +195,8 @@ def _read(s: Session, connection_id: int) -> tuple[Any, ...] | None:
             r.room_id: room_snapshot(r)
             for r in s.scalars(select(KnownRoom).where(KnownRoom.connection_id == connection_id))
         }
-    conn = ConnView(connection_id, first.name, first.base_url)
-    health = Health(connection_id)
-    if first.health_of is not None:
-        health = Health(
-            connection_id=connection_id,
-            last_poll_at=first.last_poll_at,
-            last_ok_at=first.last_ok_at,
-            status=first.status,
-            failing_since=first.failing_since,
-            rooms=dict(first.rooms or {}),
-            behind=list(first.behind or []),
-        )
+    conn = ConnView(connection_id, first.conn_name, first.base_url)
+    health = Health.of(first if first.health_of is not None else None, connection_id)
     return conn, first.token_encrypted, subscriptions, marks, health, dict(participants), rooms
 
 
