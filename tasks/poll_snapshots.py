@@ -9,7 +9,8 @@ the new snapshot and the events go in one transaction, the generation read first
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
@@ -19,12 +20,32 @@ from storage.outbox import NewEvent
 from storage.rooms import ParticipantSnapshot, RoomSnapshot
 from storage.vocabulary import ROOM_LIST_ROOM_ID, Event, Stream
 from tasks import events
+from tasks.client import HipChatClient
 from tasks.hipchat_types import Room, UserStub
+from tasks.poll_plan import ConnView, PollState
 from tasks.rooms_diff import diff_participants, diff_rooms
+from tasks.runtime import Runtime
 from tasks.subscriptions_api import SubView
 
-if TYPE_CHECKING:
-    from tasks.poll import Poll
+
+class Poll(Protocol):
+    """What a snapshot stream needs of the poll it is part of (:class:`tasks.poll.Poll`)."""
+
+    rt: Runtime
+    state: PollState
+    client: HipChatClient
+    now: datetime
+    conn: ConnView
+
+    def store(
+        self, s: Session, found: list[NewEvent], priming: list[SubView]
+    ) -> list[tuple[int, int]]: ...
+
+    def committed(self, inserted: list[tuple[int, int]]) -> None: ...
+
+    def new_event(self, sub: SubView, payload: dict[str, Any]) -> NewEvent: ...
+
+    def room_stub(self, sub: SubView) -> dict[str, Any]: ...
 
 
 def poll_participants(poll: Poll, room_id: int, room_subs: list[SubView]) -> None:
