@@ -61,6 +61,15 @@ def transport_options(broker: str, settings: Settings) -> dict[str, float]:
     return {"visibility_timeout": settings.broker_visibility_timeout_seconds}
 
 
+def result_backend_for(settings: Settings, broker: str) -> str:
+    """Where the action tasks keep their results: Redis. Celery's Redis backend cannot use
+    a Redis Cluster: then the broker's own Redis, or RabbitMQ's replies (``rpc://``, read
+    by the process that sent the task)."""
+    if settings.redis_cluster:
+        return broker if broker.startswith(("redis://", "rediss://")) else "rpc://"
+    return settings.redis_url or "cache+memory://"
+
+
 def create_app(settings: Settings) -> Celery:
     app = Celery("hipchat_poller", set_as_current=True)
     broker = broker_url_for(settings)
@@ -78,7 +87,7 @@ def create_app(settings: Settings) -> Celery:
         accept_content=["json"],
         # Polls and deliveries keep no result; the action tasks do, for send_task callers.
         task_ignore_result=True,
-        result_backend=settings.redis_url or "cache+memory://",
+        result_backend=result_backend_for(settings, broker),
         result_expires=3600,
         # A task is acknowledged after it ran, so a worker that dies mid-task gives it back;
         # every task is idempotent (leases, outbox keys) so a redelivery is harmless.
