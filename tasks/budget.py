@@ -45,13 +45,12 @@ from enum import IntEnum
 from string import Template
 from typing import Any, Protocol
 
-import redis
 from redis.exceptions import NoScriptError
 
 from storage.errors import BucketEmpty
 from tasks.hipchat_types import RateLimitInfo
 from tasks.keys import Keys
-from tasks.redis_conn import UNAVAILABLE, load_script, redis_errors, unavailable
+from tasks.redis_conn import UNAVAILABLE, RedisClient, load_script, redis_errors, unavailable
 
 # No reservation further ahead than this: a task waiting longer is re-sent without one (the
 # broker's visibility timeout must exceed the longest countdown, see docs/reliability.md).
@@ -292,7 +291,7 @@ class Usage:
 class RedisLog:
     """The log and state in Redis: one EVALSHA per take, keys under the connection's tag."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: RedisClient, keys: Keys) -> None:
         self._redis = client
         self._keys = keys
         self._ceiling = load_script("budget_ceiling.lua")
@@ -342,13 +341,15 @@ class RedisLog:
             pipe = self._redis.pipeline(transaction=False)
             pipe.lrange(self._keys.budget_log(connection_id), 0, -1)
             pipe.hmget(self._keys.budget_state(connection_id), "remaining", "reset")
-            pipe.time()
-            stamps, (remaining, reset), (seconds, micros) = pipe.execute()
+            stamps, (remaining, reset) = pipe.execute()
+            # Not in the pipeline: a cluster client refuses keyless commands there (and asks
+            # any node, whose clock is as good for counting usage).
+            now_us = _redis_now_us(self._redis)
         return (
             [int(s) for s in stamps],
             int(remaining) if remaining is not None else -1,
             int(reset or 0),
-            int(seconds) * 1_000_000 + int(micros),
+            now_us,
         )
 
     def _eval(
@@ -366,6 +367,6 @@ def _sha(script: str) -> str:
     return hashlib.sha1(script.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
-def _redis_now_us(client: redis.Redis) -> int:
+def _redis_now_us(client: RedisClient) -> int:
     seconds, micros = client.time()
     return int(seconds) * 1_000_000 + int(micros)
