@@ -38,6 +38,7 @@ from tests.redis_server import free_port
 from tests.storage_support import opened, sqlite_url
 from tests.waiting import wait_for
 from worker.app import create_app
+from worker.preflight import persistence_warning
 from worker.scheduler import ConnectionScheduler
 
 pytestmark = pytest.mark.integration
@@ -310,3 +311,23 @@ def test_with_a_cluster_results_go_to_the_broker(broker: str, backend: str) -> N
     assert app.conf.broker_url == broker
     assert app.conf.result_backend == backend
     app.close()
+
+
+def test_a_cluster_without_persistence_is_warned_about(client: RedisCluster) -> None:
+    """The start-up warning asks every primary: each holds some connections' budgets."""
+    primaries = [node.redis_connection for node in client.get_primaries()]
+    assert all(node is not None for node in primaries)
+    for node in primaries:
+        assert node is not None
+        node.config_set("appendonly", "no")
+        node.config_set("save", "")
+    warning = persistence_warning(client)
+    assert warning is not None
+    assert warning.startswith("Redis has no persistence")
+    for node in primaries:
+        assert node is not None
+        node.config_set("appendonly", "yes")
+    assert persistence_warning(client) is None
+    for node in primaries:
+        assert node is not None
+        node.config_set("appendonly", "no")

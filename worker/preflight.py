@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import redis
 from kombu.connection import Connection as BrokerConnection
 from kombu.exceptions import KombuError
+from redis.cluster import RedisCluster
 from sqlalchemy.engine import make_url
 
 from storage.db import Database
@@ -66,12 +67,16 @@ def services_ready(settings: Settings, *, upgrade: bool = False) -> list[str]:
     return warnings
 
 
-def persistence_warning(client: redis.Redis) -> str | None:
+def persistence_warning(client: redis.Redis | RedisCluster) -> str | None:
     """A warning when Redis keeps nothing across a restart (no AOF, no RDB save points): the
     queued tasks and the budgets' logs would go with it. Nothing is lost for good (the relay
     sends outbox events again, a lost budget refuses one window to keep the ceiling), but
     every restart costs a window of polling and a burst of redeliveries. A managed Redis that
     refuses CONFIG says nothing here: its durability is its provider's."""
+    if isinstance(client, RedisCluster):  # every primary holds some connections' budgets
+        nodes = [node.redis_connection for node in client.get_primaries()]  # type: ignore[no-untyped-call]
+        found = [w for w in (persistence_warning(n) for n in nodes if n is not None) if w]
+        return found[0] if found else None
     try:
         config = client.config_get("appendonly") | client.config_get("save")
     except redis.RedisError:
