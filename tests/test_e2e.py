@@ -128,8 +128,9 @@ class E2E:
             self.redis.host, self.redis.port, 0, self.tmp / "redis-monitor.log"
         ).start()
         workers = [
-            # Worker b logs at DEBUG, which shows the arguments of every task it runs.
-            ("worker-a", ["--concurrency", "2", "--loglevel", "INFO"]),
+            # Worker b logs at DEBUG, which shows the arguments of every task it runs; worker a
+            # serves its own metrics too (test_metrics_move_during_real_polls).
+            ("worker-a", ["--concurrency", "2", "--loglevel", "INFO", "--metrics-port", "0"]),
             ("worker-b", ["--concurrency", "2", "--loglevel", "DEBUG"]),
         ]
         for name, options in workers:
@@ -878,6 +879,15 @@ def test_metrics_move_during_real_polls(case: Case) -> None:
     )
     for secret in stack.secrets:
         assert secret not in text, f"a secret ({secret[:6]}...) is in the scrape"
+
+    # Worker a serves its own processes' counts (--metrics-port), and only those.
+    worker_a = next(s for s in stack.services if s.name == "worker-a")
+    own = re.search(r"serving this worker's metrics at (\S+)", worker_a.log_text())
+    assert own is not None, tail(worker_a.log_text())
+    assert worker_a.proc is not None
+    _, mine = scrape(own[1])  # empty until its pool has polled or delivered once
+    assert {labels.get("process") for _, labels, _ in mine} <= {f"worker-{worker_a.proc.pid}"}
+    assert not any(n.startswith("hipchat_poller_store_") for n, _, _ in mine)
 
 
 def test_secrets_never_reach_logs_broker_messages_or_events(case: Case) -> None:

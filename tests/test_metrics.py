@@ -31,6 +31,7 @@ from tasks.poll import PollResult
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 from tests.cli_support import ROOT, Cli
+from tests.conftest import REDIS_URL
 from tests.pipeline_support import Pipeline, Receiver
 from worker.metrics_server import MetricsServer, ProcessFiles
 from worker.metrics_store import StoreCollector, families, read_store
@@ -458,7 +459,7 @@ def test_a_worker_refuses_a_busy_metrics_port(
 ) -> None:
     """In a subprocess: the worker chooses multiprocess mode before it binds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HIPCHAT_POLLER_")} | {
-        "HIPCHAT_POLLER_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "HIPCHAT_POLLER_REDIS_URL": REDIS_URL,
         "HIPCHAT_POLLER_REDIS_KEY_PREFIX": key_prefix,
         "HIPCHAT_POLLER_DATA_DIR": str(tmp_path),
         "HIPCHAT_POLLER_DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite",
