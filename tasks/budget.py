@@ -48,6 +48,7 @@ from typing import Any, Protocol
 from redis.exceptions import NoScriptError
 
 from storage.errors import BucketEmpty
+from tasks import metrics
 from tasks.hipchat_types import RateLimitInfo
 from tasks.keys import Keys
 from tasks.redis_conn import UNAVAILABLE, RedisClient, load_script, redis_errors, unavailable
@@ -184,6 +185,7 @@ class SlidingLogBudget:
     def empty(self, connection_id: int, grant: Grant) -> BudgetEmpty:
         """The error that tells a caller to come back after ``grant.wait``."""
         what = "reserved" if grant.reservation else "retry"
+        metrics.budget_wait()
         return BudgetEmpty(
             f"connection {connection_id} has used its HipChat call budget "
             f"({self.capacity} per {self.window_seconds:g}s or HipChat's own limit); "

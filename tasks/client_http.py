@@ -52,6 +52,7 @@ from storage.errors import (
     TransportError,
     ValidationError,
 )
+from tasks import metrics
 from tasks.hipchat_types import RateLimitInfo
 from tasks.pagination import same_origin_url
 from tasks.ratelimit_headers import parse_rate_limit, retry_after_seconds, too_many_requests
@@ -231,6 +232,7 @@ class HttpCore:
         text = f"{where}: HTTP {status}: {self._server_text(response)}"
         if status == 429:
             wait, flood = too_many_requests(response.headers, now)
+            metrics.rate_limited(flood)
             if not flood and self._on_refused is not None:
                 # HipChat's word wins: no call of this connection until its reset, from any
                 # worker (flood control is one room's send limit: the caller waits alone).
@@ -298,6 +300,7 @@ def environment_settings(scheme: str, netloc: str) -> tuple[dict[str, str], bool
 
 def _log(peer: str, where: str, outcome: int | str, started: float) -> None:
     elapsed_ms = (time.perf_counter() - started) * 1000.0
+    metrics.http_call(peer, outcome, elapsed_ms / 1000.0)
     log.debug("%s %s -> %s in %.1f ms", peer, where, outcome, elapsed_ms)
 
 

@@ -28,6 +28,7 @@ from storage import outbox
 from storage import subscriptions as subs
 from storage.errors import BucketEmpty, InvalidInput, NeedsAttention, RateLimited, RetryLater
 from storage.vocabulary import SubscriptionState
+from tasks import metrics
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import SubView
 from tasks.targets import deliver
@@ -111,7 +112,9 @@ def _drain_locked(
         try:
             outcome = deliver(rt, sub, payload, reservation=held)
         except RetryLater as exc:
-            wait = _failed(rt, event_id, attempts + 1, exc, moment, _ms_since(started))
+            took = _ms_since(started)
+            wait = _failed(rt, event_id, attempts + 1, exc, moment, took)
+            metrics.delivery_finished(sub.target_kind, took / 1000, exc, dead=wait is None)
             if wait is None:
                 dead += 1
                 continue
@@ -119,14 +122,17 @@ def _drain_locked(
             held = getattr(exc, "reservation", None)
             return DrainResult(delivered, dead, wait, reservation=held, reason=why)
         except (InvalidInput, NeedsAttention) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            _dead(rt, event_id, attempts + 1, error, moment, _ms_since(started))
+            took = _ms_since(started)
+            metrics.delivery_finished(sub.target_kind, took / 1000, exc, dead=True)
+            _dead(rt, event_id, attempts + 1, f"{type(exc).__name__}: {exc}", moment, took)
             dead += 1
             if stop_if_gone(rt, sub, exc):
                 return DrainResult(delivered, dead)
             continue
+        took = _ms_since(started)
+        metrics.delivery_finished(sub.target_kind, took / 1000)
         with rt.db.session() as s:
-            outbox.mark_delivered(s, event_id, moment, outcome, duration_ms=_ms_since(started))
+            outbox.mark_delivered(s, event_id, moment, outcome, duration_ms=took)
         log.info("delivered event=%s sub=%s %s: %s", event_id, sub.id, sub.event, outcome)
         delivered += 1
     # Out of events or time for this drain, not out of work: the caller drains again now.

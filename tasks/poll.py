@@ -52,7 +52,7 @@ from storage.errors import (
 from storage.health import Health
 from storage.outbox import NewEvent
 from storage.vocabulary import ROOM_LIST_ROOM_ID, Stream
-from tasks import diff, events, health, posts
+from tasks import diff, events, health, metrics, posts
 from tasks.client import HipChatClient
 from tasks.diff import HistoryMark
 from tasks.filters import compile_filter
@@ -241,6 +241,7 @@ class Poll:
     ) -> list[tuple[int, int]]:
         """Write events and priming marks; (subscription id, event id) of each new event."""
         inserted = outbox.add_events(s, found)
+        metrics.detection_lag_on_commit(s, inserted)
         if priming:
             subs.mark_primed(s, [x.id for x in priming], self.now)
         s.flush()

@@ -79,6 +79,12 @@ class Settings:
     # Beat touches this file every few seconds while it ticks and reaches the broker: a
     # container healthcheck reads its age (docker-compose.yml). None: no file.
     beat_heartbeat_file: str | None = None
+    # Prometheus' multiprocess files of the processes that record metrics (worker, beat, run),
+    # one directory per process group (worker.metrics_process). None: DATA_DIR/metrics.
+    metrics_dir: str | None = None
+    # Connections whose budget and health `hipchat-poller metrics` reports one by one, per
+    # scrape (the lowest ids); the totals cover every connection.
+    metrics_max_connections: int = 500
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -146,6 +152,10 @@ class Settings:
         return self.redis_url is not None and _is_cluster(self.redis_url)
 
     @property
+    def effective_metrics_dir(self) -> str:
+        return self.metrics_dir or str(Path(self.data_dir) / "metrics")
+
+    @property
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -195,6 +205,7 @@ _RULES: tuple[tuple[str, Callable[[Settings], bool], str], ...] = (
         "at least WEBHOOK_BACKOFF_BASE_SECONDS",
     ),
     ("action_max_attempts", lambda s: s.action_max_attempts >= 1, "at least 1"),
+    ("metrics_max_connections", lambda s: s.metrics_max_connections >= 0, "at least 0"),
     (
         "broker_visibility_timeout_seconds",
         lambda s: s.broker_visibility_timeout_seconds > 0,

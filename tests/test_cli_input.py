@@ -281,22 +281,26 @@ def test_run_worker_and_beat_stop_at_once_when_a_service_is_not_there(
 # -- the emulator ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("command", ["emulator", "metrics"])
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])
-def test_the_emulator_refuses_a_port_out_of_range(cli: Cli, port: str) -> None:
-    code, out, err = cli("emulator", "--port", port)
+def test_the_emulator_and_metrics_refuse_a_port_out_of_range(
+    cli: Cli, command: str, port: str
+) -> None:
+    code, out, err = cli(command, "--port", port)
     assert (code, out) == (2, "")
     assert err == (
         f"error: argument --port: a port is a number within 0..65535, not {port!r} "
-        "(see `hipchat-poller emulator --help`)\n"
+        f"(see `hipchat-poller {command} --help`)\n"
     )
 
 
-def test_the_emulator_refuses_a_busy_port(cli: Cli) -> None:
+@pytest.mark.parametrize("command", ["emulator", "metrics"])
+def test_the_emulator_and_metrics_refuse_a_busy_port(cli: Cli, command: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert cli("emulator", "--port", str(port)) == (
+        assert cli(command, "--port", str(port)) == (
             2,
             "",
             f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n",

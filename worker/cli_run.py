@@ -9,6 +9,11 @@ upgrades it like ``migrate``; ``run`` with Redis, ``worker`` and ``beat`` only c
 refuse to start on an out-of-date database (:mod:`worker.schema_check`), because other
 processes of another version may be using it: upgrading is ``hipchat-poller migrate``'s job.
 
+``run``, ``worker`` and ``beat`` record metrics (:func:`worker.cli_metrics.record`, before
+the app runs anything, so before any metric exists: see :mod:`worker.metrics_process`);
+``--metrics-port P [--metrics-host H]`` serves them, taken off the options before Celery
+sees them.
+
 The log level is ``--log-level`` (or Celery's ``--loglevel``), else
 ``HIPCHAT_POLLER_LOG_LEVEL``. Settings that work but that HipChat will punish (a budget above
 its 100 calls a minute) are warned about once, at start.
@@ -29,6 +34,7 @@ from tasks.runtime import Runtime
 from tasks.settings import Settings
 from worker.app import ACTION_QUEUE, POLL_QUEUE, create_app
 from worker.cli_format import positive_int
+from worker.cli_metrics import add_serving_options, record, take_serving_options
 from worker.demo import run_demo
 from worker.embedded import EmbeddedWorker
 from worker.preflight import services_ready
@@ -43,6 +49,7 @@ def register(sub: Any) -> None:
         help="worker and beat in one process (embedded defaults when no Redis/database URL is set)",
     )
     run.add_argument("--concurrency", type=positive_int, default=4)
+    add_serving_options(run)
     run.set_defaults(handler=cmd_run)
     demo = sub.add_parser(
         "demo",
@@ -78,6 +85,7 @@ def passthrough(argv: list[str]) -> int | None:
     options = ["--help" if a == "-h" else a for a in rest[1:]]
     if command == "emulator":
         return emulator_main(options)
+    options, port, host = take_serving_options(options)
     wants_help = any(a in HELP_FLAGS for a in options)
     pool = _pool(options) if command == "worker" else None
     if pool in UNSUPPORTED_POOLS:
@@ -104,6 +112,7 @@ def passthrough(argv: list[str]) -> int | None:
         _warn(settings.warnings())  # first: they say why what follows may fail
         _warn(services_ready(settings))
         level = level or settings.log_level.upper()
+        record(settings, command, port, host)
     if level and not any(a.startswith(("-l", "--loglevel")) for a in options):
         options = [*options, "--loglevel", level]
     return _celery(command, options)
@@ -164,6 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # On embedded defaults this is the one process using the database: it may upgrade it.
     _warn(settings.warnings())
     _warn(services_ready(settings, upgrade=settings.embedded))
+    record(settings, "run", args.metrics_port, args.metrics_host)
     app = create_app(settings)
     rt = Runtime.of(app)
     mode = "embedded (in-process broker and bucket)" if settings.embedded else "Redis"

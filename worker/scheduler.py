@@ -47,6 +47,7 @@ from storage.connections import active_poll_offsets, connection_changes
 from storage.db import chunks
 from storage.errors import StorageUnavailable
 from storage.models import utcnow
+from tasks import metrics
 from tasks.redis_conn import redis_errors
 from tasks.runtime import Runtime
 from worker.poll_schedule import PollSchedule, interval_index, resumed_index
@@ -274,6 +275,7 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
             return
         expires = self._schedule.interval
         sent = self._send([Message(POLL_TASK, [s.connection_id, s.index], expires) for s in due])
+        metrics.polls_sent(sent)
         for slot in due[:sent]:
             self._schedule.sent(slot)
         for slot in due[sent:]:
