@@ -174,7 +174,7 @@ def test_workers_get_distinct_node_names_unless_one_is_given(
 
     monkeypatch.setenv(ENV_PREFIX + "REDIS_URL", "redis://127.0.0.1:1/0")
     monkeypatch.setattr(cli_run, "services_ready", lambda settings, upgrade=False: [])
-    monkeypatch.setattr(cli_run, "celery", FakeCelery)
+    monkeypatch.setattr("celery.bin.celery.celery", FakeCelery)
     assert cli("worker")[0] == 0
     assert cli("worker", "-n", "mine@%h")[0] == 0
     assert cli("worker", "--hostname=other@%h")[0] == 0

@@ -27,8 +27,6 @@ import os
 import sys
 from typing import Any
 
-from celery.bin.celery import celery
-
 from emulator.cli import main as emulator_main
 from tasks.runtime import Runtime
 from tasks.settings import Settings
@@ -155,7 +153,10 @@ def _celery(command: str, options: list[str]) -> int:
     else:
         args = ["-A", APP, "beat", *options]
     try:
-        # celery.bin.celery.main() takes no arguments: call its click group directly.
+        # Imported here: Celery's command line loads click, Flower and tornado, which no other
+        # command needs. celery.bin.celery.main() takes no arguments: call its click group.
+        from celery.bin.celery import celery
+
         celery.main(args=args, prog_name="hipchat-poller", auto_envvar_prefix="CELERY")
     except SystemExit as exc:  # click always ends with SystemExit in standalone mode
         code = exc.code
