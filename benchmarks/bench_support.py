@@ -3,7 +3,8 @@
 * :func:`fresh_postgres`: a PostgreSQL database of the run's own, dropped at the end;
   :func:`pg_xacts`, its transactions as the server counts them.
 * :func:`product_env`: the environment of a ``hipchat-poller`` process, as an operator
-  would configure it; :func:`wait_for_line`: until its log says something.
+  would configure it; :func:`wait_for_line`: until its log says something;
+  :func:`check_alive`: has one of them exited?
 * :func:`cpu_seconds`, :func:`rss_bytes`, :func:`child_pids`: a process's CPU and memory from
   ``/proc`` (Linux only), so that processes we did not write (PostgreSQL, Redis) are measured
   the same way as ours; :func:`tree_run_delay_seconds`, how long a process tree waited for a
@@ -223,6 +224,13 @@ def product_env(
         "PYTHONUNBUFFERED": "1",
     }
     return env | {f"HIPCHAT_POLLER_{name.upper()}": v for name, v in settings.items()}
+
+
+def check_alive(services: Sequence[Service]) -> None:
+    """Ends the run (SystemExit with the log's tail) if one of them has exited."""
+    for service in services:
+        if not service.alive():
+            raise SystemExit(f"{service.name} exited:\n{tail(service.log_text())}")
 
 
 def wait_for_line(
