@@ -66,6 +66,8 @@ from benchmarks.bench_support import (
     Conn,
     Interrupted,
     PgDatabase,
+    check_alive,
+    cleanup_stack,
     commandstats,
     create_connections,
     fresh_postgres,
@@ -100,7 +102,7 @@ from benchmarks.scale_report import (
 )
 from tasks.runtime import Runtime
 from tasks.settings import Settings
-from tests.e2e_support import Service, WebhookReceiver, tail
+from tests.e2e_support import Service, WebhookReceiver
 from tests.redis_server import RedisServer
 
 # -- the run ----------------------------------------------------------------------------------
@@ -192,9 +194,7 @@ class Stack:
         return service
 
     def check_alive(self) -> None:
-        for service in [*self.services, self.emulator.service]:
-            if not service.alive():
-                raise SystemExit(f"{service.name} exited:\n{tail(service.log_text())}")
+        check_alive([*self.services, self.emulator.service])
 
     def stop(self) -> None:
         # One SIGTERM each, beat first: a second SIGTERM during a worker's warm shutdown
@@ -273,7 +273,7 @@ def start_stack(exits: contextlib.ExitStack, args: argparse.Namespace, n: int) -
 
 def run_level(args: argparse.Namespace, n: int) -> LevelResult:
     began = time.time()
-    with contextlib.ExitStack() as exits:
+    with cleanup_stack() as exits:  # a Ctrl-C while a process stops would leave it running
         stack = start_stack(exits, args, n)
         setup = time.time() - began
         print(f"  setup {setup:.0f} s; warming up ...", flush=True)
