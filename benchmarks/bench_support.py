@@ -1,17 +1,25 @@
 """What the benchmarks that start real services share.
 
-* :func:`fresh_postgres`: a PostgreSQL database of the run's own, dropped at the end.
+* :func:`fresh_postgres`: a PostgreSQL database of the run's own, dropped at the end;
+  :func:`pg_xacts`, its transactions as the server counts them.
+* :func:`product_env`: the environment of a ``hipchat-poller`` process, as an operator
+  would configure it; :func:`wait_for_line`: until its log says something;
+  :func:`check_alive`: has one of them exited?
 * :func:`cpu_seconds`, :func:`rss_bytes`, :func:`child_pids`: a process's CPU and memory from
   ``/proc`` (Linux only), so that processes we did not write (PostgreSQL, Redis) are measured
-  the same way as ours.
+  the same way as ours; :func:`tree_run_delay_seconds`, how long a process tree waited for a
+  CPU; :func:`machine_cpu_seconds`, what each core of the machine did.
+* :func:`commandstats`: the commands a ``redis-server`` executed, Lua's included.
 * :func:`machine_state`: cores, load and the busiest processes on the machine right now, to
   print next to any figure measured on a shared machine.
-* :func:`commit_of_product`: the commit measured, with a note when the product code differs.
+* :func:`commit_of_product`: the commit measured, with a note when the product code differs;
+  :func:`report_header` prints it with the date and the command that reproduces the run.
 * :func:`create_connections`: connections with one webhook subscription per room, through
-  the storage layer.
+  the storage layer; :func:`unprimed`, how many subscriptions no poll has primed yet.
 * :func:`percentile`, :func:`fmt_ms`: the arithmetic every report uses.
 * :func:`interrupt_on_signals`: SIGTERM and SIGHUP unwind like Ctrl-C, so that a script's
-  ``finally`` blocks stop what it started.
+  ``finally`` blocks stop what it started; :func:`deferred_interrupts` and
+  :func:`cleanup_stack`, where a signal must wait (starting or stopping a process).
 
 Imported by the scripts in ``benchmarks/`` (which put the repository root on ``sys.path``);
 it needs no pytest, only what the product already depends on.
@@ -22,26 +30,34 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import shlex
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import psycopg
+import redis
 import sqlalchemy
+from cryptography.fernet import Fernet
 
 from storage import connections as conns
 from storage import subscriptions as subs
+from storage.models import Subscription
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import stored_target
+from tests.e2e_support import Service, tail
 
 ROOT = Path(__file__).resolve().parents[1]
+HIPCHAT_POLLER = str(Path(sys.executable).parent / "hipchat-poller")  # of this venv
 POSTGRES_ADMIN_URL = os.environ.get(
     "HIPCHAT_POLLER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
@@ -57,14 +73,61 @@ class Interrupted(Exception):
     """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
 
 
-def interrupt_on_signals() -> None:
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(signal.Signals(signum).name)
+_deferring = 0  # depth of deferred_interrupts blocks
+_pending: list[int] = []  # signals that arrived in one
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, interrupt)
-    # Also when started in the background, where a shell leaves SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    if _deferring:
+        _pending.append(signum)
+        return
+    _raise_for(signum)
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGHUP raise :class:`Interrupted`, SIGINT ``KeyboardInterrupt``: in
+    the main thread, wherever it is, except inside :func:`deferred_interrupts`."""
+    # SIGINT too when started in the background, where a shell leaves it ignored.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _interrupt)
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """A block that a signal does not cut short: starting a process and registering its
+    stop, or stopping it. What arrived in it is raised when it ends (the first signal;
+    nothing if an exception already leaves the block)."""
+    global _deferring
+    _deferring += 1
+    signum = None
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring:
+            signum = _pending[0] if _pending else None
+            _pending.clear()
+    if signum is not None:
+        _raise_for(signum)
+
+
+@contextmanager
+def cleanup_stack() -> Iterator[ExitStack]:
+    """An ``ExitStack`` whose cleanup runs to its end even if a signal arrives during it
+    (a stop interrupted half-way would leave its process running); the signal is raised
+    afterwards."""
+    exits = ExitStack()
+    try:
+        yield exits
+    finally:
+        with deferred_interrupts():
+            exits.close()
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------
@@ -102,6 +165,85 @@ def fresh_postgres(
     finally:
         with psycopg.connect(plain, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pg_xacts(db: PgDatabase) -> tuple[int, int]:
+    """Commits and rollbacks of the database, read through another database so that the
+    reading is not counted. A backend reports its counts up to 1-10 s late (at once when it
+    exits): read windows of a minute or more, or after the backends are gone."""
+    with psycopg.connect(db.admin_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = %s",
+            (db.name,),
+        ).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def wait_backends_gone(db: PgDatabase, timeout: float = 10.0) -> bool:
+    """Until no backend serves the database (each flushes its statistics when it exits);
+    False if some still did after ``timeout`` seconds."""
+    with psycopg.connect(db.admin_url, autocommit=True) as admin:
+        deadline = time.monotonic() + timeout
+        while True:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (db.name,)
+            ).fetchone()
+            if row is not None and int(row[0]) == 0:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+# -- Redis -------------------------------------------------------------------------------------
+
+
+def commandstats(client: redis.Redis) -> dict[str, int]:
+    """Calls per command so far (``INFO commandstats``: the commands of Lua scripts too)."""
+    info = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
+
+
+# -- the product's processes --------------------------------------------------------------------
+
+
+def product_env(
+    tmp: Path, redis_url: str, database_url: str, key_prefix: str, **settings: str
+) -> dict[str, str]:
+    """The environment of a ``hipchat-poller`` process, configured by ``HIPCHAT_POLLER_*``
+    variables as an operator would: this process's environment without its own
+    ``HIPCHAT_POLLER_*``, plus a new secret key, a data directory under ``tmp`` and
+    ``settings`` by their lower-case names (``poll_interval_seconds="10"``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIPCHAT_POLLER_")}
+    env |= {
+        "HIPCHAT_POLLER_REDIS_URL": redis_url,
+        "HIPCHAT_POLLER_REDIS_KEY_PREFIX": key_prefix,
+        "HIPCHAT_POLLER_DATABASE_URL": database_url,
+        "HIPCHAT_POLLER_SECRET_KEY": Fernet.generate_key().decode(),
+        "HIPCHAT_POLLER_DATA_DIR": str(tmp / "data"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    return env | {f"HIPCHAT_POLLER_{name.upper()}": v for name, v in settings.items()}
+
+
+def check_alive(services: Sequence[Service]) -> None:
+    """Ends the run (SystemExit with the log's tail) if one of them has exited."""
+    for service in services:
+        if not service.alive():
+            raise SystemExit(f"{service.name} exited:\n{tail(service.log_text())}")
+
+
+def wait_for_line(
+    service: Service, text: str, check: Callable[[], None], timeout: float = 120
+) -> None:
+    """Until ``text`` is in the service's log; ``check`` (raising when something died) runs
+    between reads."""
+    deadline = time.monotonic() + timeout
+    while text not in service.log_text():
+        check()
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{service.name}: no {text!r}:\n{tail(service.log_text())}")
+        time.sleep(0.2)
 
 
 # -- connections ----------------------------------------------------------------------------------
@@ -163,6 +305,13 @@ def create_connections(
     return made
 
 
+def unprimed(rt: Runtime) -> int:
+    """Subscriptions that no poll has primed yet."""
+    with rt.db.session() as s:
+        query = sqlalchemy.select(sqlalchemy.func.count()).where(Subscription.primed_at.is_(None))
+        return int(s.scalar(query) or 0)
+
+
 # -- processes, from /proc ----------------------------------------------------------------------
 
 
@@ -196,19 +345,24 @@ def rss_bytes(pid: int) -> int | None:
     return pages * _PAGE
 
 
-def child_pids(pid: int) -> list[int]:
-    """The live children of ``pid`` (of every thread of it)."""
-    found: list[int] = []
+def _task_files(pid: int, name: str) -> list[str]:
+    """``/proc/<pid>/task/<tid>/<name>`` of each live thread of ``pid``."""
+    found: list[str] = []
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return found
     for task in tasks:
         try:
-            found += [int(x) for x in (task / "children").read_text().split()]
+            found.append((task / name).read_text())
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return found
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of ``pid`` (of every thread of it)."""
+    return [int(x) for text in _task_files(pid, "children") for x in text.split()]
 
 
 def tree_cpu_seconds(pid: int) -> float | None:
@@ -218,6 +372,32 @@ def tree_cpu_seconds(pid: int) -> float | None:
     if own is None:
         return None
     return own + sum(cpu_seconds(c, reaped_children=True) or 0.0 for c in child_pids(pid))
+
+
+def run_delay_seconds(pid: int) -> float:
+    """How long the threads of ``pid`` (the live ones) were ready to run but waited for a CPU
+    that another process (or thread) had: the second field of ``schedstat``."""
+    return sum(int(text.split()[1]) for text in _task_files(pid, "schedstat")) / 1e9
+
+
+def tree_run_delay_seconds(pid: int) -> float:
+    """:func:`run_delay_seconds` of a process and its live children."""
+    return run_delay_seconds(pid) + sum(run_delay_seconds(c) for c in child_pids(pid))
+
+
+def machine_cpu_seconds() -> dict[str, tuple[float, float]]:
+    """(busy, total) seconds of each core since boot (``cpu0``, ``cpu1``, ...) and of all of
+    them (``cpu``), from ``/proc/stat``; busy is everything but idle, iowait and steal (the
+    time the hypervisor gave the core to another machine)."""
+    found: dict[str, tuple[float, float]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu"):
+            continue
+        ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+        total = sum(ticks)
+        found[name] = ((total - ticks[3] - ticks[4] - ticks[7]) / _TICKS, total / _TICKS)
+    return found
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -283,6 +463,16 @@ def commit_of_product() -> str:
     dirty = git("status", "--porcelain", "--", *PRODUCT_DIRS)
     found = f"{head}; product code as of {product[:100] or 'unknown'}"
     return found + (" + uncommitted changes to the product" if dirty else "")
+
+
+def report_header(script: str, argv: list[str] | None) -> str:
+    """Prints the date, the command that reproduces this run (``python <script> <argv>``;
+    ``sys.argv`` when None) and the commit measured; returns the command."""
+    shown = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+    print(f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+    print(f"reproduce: {shown}")
+    print(f"commit measured: {commit_of_product()}")
+    return shown
 
 
 # -- arithmetic --------------------------------------------------------------------------------

@@ -43,14 +43,12 @@ import contextlib
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +65,12 @@ from benchmarks.bench_support import (
     POSTGRES_ADMIN_URL,
     Conn,
     Interrupted,
-    commit_of_product,
     create_connections,
     fresh_postgres,
     interrupt_on_signals,
     machine_state,
     percentile,
+    report_header,
 )
 from storage.crypto import generate_key
 from tasks.poll import poll_connection
@@ -525,13 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--backends: a comma-separated list of sqlite and postgresql")
     if args.polls < 10 or args.connections < 1:
         parser.error("--polls must be >= 10 and --connections >= 1")
-    shown = shlex.join(
-        ["python", "benchmarks/poll_cost.py", *(sys.argv[1:] if argv is None else argv)]
-    )
     interrupt_on_signals()
-    print(f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
-    print(f"reproduce: {shown}")
-    print(f"commit measured: {commit_of_product()}")
+    shown = report_header("benchmarks/poll_cost.py", argv)
     print(
         f"software: Python {platform.python_version()} ({platform.machine()}), SQLAlchemy "
         f"{sqlalchemy.__version__}, psycopg {psycopg.__version__}, redis-py "

@@ -44,7 +44,6 @@ import contextlib
 import os
 import platform
 import random
-import shlex
 import shutil
 import sys
 import tempfile
@@ -53,30 +52,34 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psycopg
 import redis
 import requests
-from cryptography.fernet import Fernet
-from sqlalchemy import func, select
 
 from benchmarks.bench_emulator import EmulatorProcess, rooms_range
 from benchmarks.bench_support import (
+    HIPCHAT_POLLER,
     POSTGRES_ADMIN_URL,
     Conn,
     Interrupted,
     PgDatabase,
-    commit_of_product,
+    check_alive,
+    cleanup_stack,
+    commandstats,
     create_connections,
     fresh_postgres,
     interrupt_on_signals,
     machine_state,
+    pg_xacts,
+    product_env,
+    report_header,
     rss_bytes,
     tree_rss_bytes,
+    unprimed,
+    wait_for_line,
 )
 from benchmarks.scale_observe import (
     POLL_TASK,
@@ -97,15 +100,10 @@ from benchmarks.scale_report import (
     report,
     summary,
 )
-from storage.models import Subscription
 from tasks.runtime import Runtime
 from tasks.settings import Settings
-from tests.e2e_support import Service, WebhookReceiver, tail
+from tests.e2e_support import Service, WebhookReceiver
 from tests.redis_server import RedisServer
-
-BIN = Path(sys.executable).parent
-HIPCHAT_POLLER = str(BIN / "hipchat-poller")
-
 
 # -- the run ----------------------------------------------------------------------------------
 
@@ -118,12 +116,6 @@ def webhook(receiver: WebhookReceiver) -> Callable[[int, str], str]:
         return receiver.url(f"/c{connection_id}")
 
     return url
-
-
-def unprimed(rt: Runtime) -> int:
-    with rt.db.session() as s:
-        query = select(func.count()).where(Subscription.primed_at.is_(None))
-        return int(s.scalar(query) or 0)
 
 
 # -- the message poster --------------------------------------------------------------------------
@@ -169,23 +161,6 @@ class Poster:
 # -- measuring -----------------------------------------------------------------------------------
 
 
-def pg_xacts(db: PgDatabase) -> tuple[int, int]:
-    """Commits and rollbacks of the database, read through another database so that the
-    reading is not counted. A backend reports its counts up to 1-10 s late: read windows of
-    a minute or more."""
-    with psycopg.connect(db.admin_url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = %s",
-            (db.name,),
-        ).fetchone()
-    return (int(row[0]), int(row[1])) if row else (0, 0)
-
-
-def commandstats(client: redis.Redis) -> dict[str, int]:
-    info = client.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
-
-
 @dataclass
 class Stack:
     """The processes and services of one level (stopped by the caller's ExitStack)."""
@@ -219,24 +194,13 @@ class Stack:
         return service
 
     def check_alive(self) -> None:
-        for service in [*self.services, self.emulator.service]:
-            if not service.alive():
-                raise SystemExit(f"{service.name} exited:\n{tail(service.log_text())}")
+        check_alive([*self.services, self.emulator.service])
 
     def stop(self) -> None:
         # One SIGTERM each, beat first: a second SIGTERM during a worker's warm shutdown
         # makes it hang until Service.stop's SIGKILL (20 s later).
         for service in reversed(self.services):
             service.stop()
-
-
-def wait_ready(stack: Stack, service: Service, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while " ready." not in service.log_text():
-        stack.check_alive()
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{service.name} not ready:\n{tail(service.log_text())}")
-        time.sleep(0.2)
 
 
 def sleep_until(stack: Stack, when: float) -> None:
@@ -281,15 +245,9 @@ def start_stack(exits: contextlib.ExitStack, args: argparse.Namespace, n: int) -
     server = exits.enter_context(RedisServer(tmp / "redis"))
     db = exits.enter_context(fresh_postgres(args.postgres_admin_url, "bench_scale"))
     run = uuid.uuid4().hex[:8]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HIPCHAT_POLLER_")} | {
-        "HIPCHAT_POLLER_REDIS_URL": server.url,
-        "HIPCHAT_POLLER_REDIS_KEY_PREFIX": f"scale-{run}",
-        "HIPCHAT_POLLER_DATABASE_URL": db.url,
-        "HIPCHAT_POLLER_SECRET_KEY": Fernet.generate_key().decode(),
-        "HIPCHAT_POLLER_POLL_INTERVAL_SECONDS": f"{args.interval:g}",
-        "HIPCHAT_POLLER_DATA_DIR": str(tmp / "data"),
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = product_env(
+        tmp, server.url, db.url, f"scale-{run}", poll_interval_seconds=f"{args.interval:g}"
+    )
     emulator = EmulatorProcess.start(tmp, env, n, args.rooms_per_connection)
     exits.callback(emulator.stop)
     receiver = WebhookReceiver().start()
@@ -309,13 +267,13 @@ def start_stack(exits: contextlib.ExitStack, args: argparse.Namespace, n: int) -
         ["worker", "-n", f"scale-{run}@%h", "--concurrency", str(args.concurrency),
          "-P", args.pool, "--loglevel", args.loglevel],
     )  # fmt: skip
-    wait_ready(stack, worker)
+    wait_for_line(worker, " ready.", stack.check_alive)
     return stack
 
 
 def run_level(args: argparse.Namespace, n: int) -> LevelResult:
     began = time.time()
-    with contextlib.ExitStack() as exits:
+    with cleanup_stack() as exits:  # a Ctrl-C while a process stops would leave it running
         stack = start_stack(exits, args, n)
         setup = time.time() - began
         print(f"  setup {setup:.0f} s; warming up ...", flush=True)
@@ -491,11 +449,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    shown = shlex.join(["python", "benchmarks/scale.py", *(sys.argv[1:] if argv is None else argv)])
     interrupt_on_signals()
-    print(f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
-    print(f"reproduce: {shown}")
-    print(f"commit measured: {commit_of_product()}")
+    shown = report_header("benchmarks/scale.py", argv)
     print(f"software: Python {platform.python_version()} ({platform.machine()})")
     results = []
     try:

@@ -1,19 +1,29 @@
-"""The scale and poll-cost benchmarks: their arithmetic on plain records, and a smoke run of
-each script at a tiny level (real processes, a redis-server and a PostgreSQL database of their
-own), which checks that they run, clean up and print their final lines."""
+"""The scale, poll-cost and worker-scaling benchmarks: their arithmetic on plain records, and
+a smoke run of each script at a tiny level (real processes, a redis-server and a PostgreSQL
+database of their own), which checks that they run, clean up and print their final lines."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from benchmarks.bench_emulator import rooms_range
-from benchmarks.bench_support import percentile
+from benchmarks.bench_support import (
+    POSTGRES_ADMIN_URL,
+    Interrupted,
+    deferred_interrupts,
+    interrupt_on_signals,
+    percentile,
+)
 from benchmarks.scale_observe import BROKER, EVENTS, PROJECT, PROJECT_LUA, TaskRecord, classify
 from benchmarks.scale_report import (
     Post,
@@ -24,6 +34,7 @@ from benchmarks.scale_report import (
     poll_stats,
     polls_finished_in,
 )
+from benchmarks.worker_scaling import Run, WorkerLog, order, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,6 +169,94 @@ def test_rooms_range_and_percentile() -> None:
     assert percentile([1.0, 2.0], 99) == 2.0
 
 
+def test_worker_logs_count_real_polls_and_put_the_rest_apart(tmp_path: Path) -> None:
+    log = WorkerLog(tmp_path / "w.log")
+    for line in [
+        "[2026-11-29 16:51:57,474: INFO/ForkPoolWorker-1] poll conn=13 ok: 0 events",
+        "[2026-11-29 16:51:57,474: INFO/ForkPoolWorker-1] Task hipchat.poll_connection[1] "
+        "succeeded in 0.008s: 'connection 13: ok: 0 events'",
+        "[2026-11-29 16:51:58,000: INFO/ForkPoolWorker-1] poll conn=14 ok: 2 events",
+        "[2026-11-29 16:51:58,100: INFO/ForkPoolWorker-1] Task hipchat.poll_connection[2] "
+        "succeeded in 0.001s: 'connection 15: already polled in interval 3'",
+        "[2026-11-29 16:51:58,200: WARNING/ForkPoolWorker-1] poll conn=16 left to the next "
+        "interval: rooms failing",
+        "[2026-11-29 16:51:58,300: INFO/MainProcess] Task hipchat.poll_connection[3] retry: "
+        "Retry in 2s",
+        "[2026-11-29 16:51:58,400: ERROR/ForkPoolWorker-1] Task hipchat.poll_connection[4] "
+        "raised unexpected: OSError()",
+        "a traceback line",
+    ]:
+        log.take(line)
+    at = datetime(2026, 11, 29, 16, 51, 57, 474000).timestamp()
+    assert log.polls == pytest.approx([at, at + 0.526])
+    assert (log.not_quiet, log.refused, log.deferred, log.retries, log.errors) == (1, 1, 1, 1, 1)
+    assert log.finished == 4
+    assert log.polls_in(at, at + 0.5) == 1
+
+
+def test_worker_logs_are_read_as_they_grow(tmp_path: Path) -> None:
+    path = tmp_path / "w.log"
+    log = WorkerLog(path)
+    path.write_text("[2026-11-29 16:51:57,474: INFO/ForkPoolWorker-1] poll conn=1 ok: 0 ev")
+    log.read()
+    assert log.polls == []  # the line is not complete yet
+    with path.open("a") as f:
+        f.write("ents\n[2026-11-29 16:51:57,480: INFO/ForkPoolWorker-1] poll conn=2 ok: 0 events\n")
+    log.read()
+    assert len(log.polls) == 2
+    assert log.not_quiet == 0
+
+
+def test_configurations_alternate_which_goes_first() -> None:
+    assert order(1) == ["A", "B"]
+    assert order(3) == ["A", "B", "B", "A", "A", "B"]
+
+
+def test_the_headline_ratio_is_of_the_medians_and_each_pair_is_shown() -> None:
+    def run(config: str, polls: int, worker_cpu: float) -> Run:
+        n = 1 if config == "A" else 2
+        made = Run(config, n, 100, window=10.0, polls=[polls // n] * n)
+        made.cpu = {f"worker {i + 1}": worker_cpu / n for i in range(n)}
+        made.cpu |= {"emulator": 0.5, "PostgreSQL backends": 0.3, "redis-server": 0.2}
+        return made
+
+    found = summarise(
+        [run("A", 1000, 8.0), run("B", 1600, 13.0), run("B", 1400, 12.0), run("A", 1000, 8.0)]
+    )
+    assert found.rate == {"A": 100.0, "B": 150.0}
+    assert found.ratio == pytest.approx(1.5)
+    assert found.pairs == pytest.approx([1.6, 1.4])
+    assert found.efficiency["A"] == pytest.approx(125.0)
+    assert found.efficiency_ratio == pytest.approx(((1600 / 13 + 1400 / 12) / 2) / 125)
+    assert found.worker_ms["A"] == pytest.approx(8.0)
+
+
+def test_a_signal_inside_deferred_interrupts_is_raised_when_the_block_ends() -> None:
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    stopped = []
+
+    def stop_while_deferred() -> None:
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, and must not raise
+            stopped.append(True)
+
+    def signalled() -> None:
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.05)
+
+    try:
+        interrupt_on_signals()
+        with pytest.raises(Interrupted, match="SIGTERM"):
+            stop_while_deferred()
+        assert stopped == [True]
+        with pytest.raises(Interrupted, match="SIGHUP"):
+            signalled()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 # -- the scripts, at a tiny level ---------------------------------------------------------------
 
 
@@ -207,3 +306,45 @@ def test_poll_cost_runs_with_few_polls_and_prints_its_final_lines() -> None:
     assert re.fullmatch(pattern.format(r"SQLite \+ fakeredis \(embedded\)"), lines[-2]), lines
     assert re.fullmatch(pattern.format(r"PostgreSQL [\d.]+ \+ Redis [\d.]+"), lines[-1]), lines
     assert any("goal <= 3" in line for line in lines)
+
+
+@pytest.mark.e2e
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+def test_worker_scaling_runs_tiny_bursts_prints_its_final_line_and_cleans_up() -> None:
+    lines = run_script(
+        "benchmarks/worker_scaling.py",
+        "--connections", "20", "--burst", "60", "--repeats", "1",
+        timeout=80,
+    )  # fmt: skip
+    assert re.fullmatch(
+        r"worker_scaling: 2 workers [\d.]+x one \([\d.]+ vs [\d.]+ polls/s; goal 1\.8x "
+        r"(met|NOT met) on this machine\); per worker-CPU-second [\d.]+x",
+        lines[-1],
+    ), lines[-1]
+    assert any(line.startswith("reproduce: python benchmarks/worker_scaling.py") for line in lines)
+    runs = [line for line in lines if re.match(r"run \d [AB] ", line)]
+    assert [line.split()[2] for line in runs] == ["A", "B"], lines
+    assert all("60 of 60 in" in line for line in runs), runs
+    assert any(line.startswith("throughput, B / A: ") for line in lines)
+    # Everything it made is gone: its directory, its database, its processes.
+    made = next(line for line in lines if line.startswith("run wscale-"))
+    found = re.match(r"run (wscale-\w+) .*directory (\S+) .*database (\w+)", made)
+    assert found is not None, made
+    run_id, directory, database = found.groups()
+    assert not Path(directory).exists()
+    left = [
+        p for p in Path("/proc").iterdir()
+        if p.name.isdigit() and run_id.encode() in _cmdline(p)
+    ]  # fmt: skip
+    assert left == []
+    with psycopg.connect(POSTGRES_ADMIN_URL.replace("+psycopg", ""), autocommit=True) as admin:
+        row = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+        assert row.fetchone() is None
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
