@@ -163,7 +163,8 @@ _ONE_READ = (
 
 
 def _read(s: Session, connection_id: int) -> tuple[Any, ...] | None:
-    rows = s.execute(_ONE_READ, {"connection_id": connection_id}).all()
+    # On the session's connection: a Core statement needs none of the ORM's execution path.
+    rows = s.connection().execute(_ONE_READ, {"connection_id": connection_id}).all()
     if not rows or rows[0].state != ConnectionState.ACTIVE:
         return None
     first = rows[0]

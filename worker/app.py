@@ -12,6 +12,7 @@ from kombu.entity import Exchange, Queue
 from tasks.celery_tasks import ACTION_TASKS
 from tasks.runtime import Runtime
 from tasks.settings import Settings
+from worker import broker as broker_transport
 
 POLL_QUEUE = "hipchat.polls"
 ACTION_QUEUE = "hipchat.actions"
@@ -88,6 +89,7 @@ def result_backend_for(settings: Settings, broker: str) -> str:
 
 
 def create_app(settings: Settings) -> Celery:
+    broker_transport.install()  # the Redis transport with one client per channel
     app = Celery("hipchat_poller", set_as_current=True)
     broker = broker_url_for(settings)
     app.conf.update(
