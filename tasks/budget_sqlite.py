@@ -30,6 +30,11 @@ CREATE TABLE IF NOT EXISTS budget_state (
     remaining INTEGER,
     reset INTEGER NOT NULL DEFAULT 0
 );
+-- The latest reset a 429 stated: no headers lift its zero before then (budget_ceiling.lua).
+CREATE TABLE IF NOT EXISTS budget_refusals (
+    connection_id INTEGER PRIMARY KEY,
+    until INTEGER NOT NULL
+);
 """
 
 
@@ -53,6 +58,14 @@ class SqliteLog:
         with self._shared.transaction() as db:
             now = _now_us()
             if reset_us <= now:
+                return
+            if why == "429":
+                db.execute(
+                    "INSERT INTO budget_refusals (connection_id, until) VALUES (?, ?) "
+                    "ON CONFLICT (connection_id) DO UPDATE SET until = max(until, excluded.until)",
+                    (connection_id, reset_us),
+                )
+            elif _refused_until(db, connection_id) > now:
                 return
             row = db.execute(
                 "SELECT remaining, reset FROM budget_state WHERE connection_id = ?",
@@ -91,6 +104,7 @@ class SqliteLog:
         with self._shared.transaction() as db:
             db.execute("DELETE FROM budget_log WHERE connection_id = ?", (connection_id,))
             db.execute("DELETE FROM budget_state WHERE connection_id = ?", (connection_id,))
+            db.execute("DELETE FROM budget_refusals WHERE connection_id = ?", (connection_id,))
 
     def recent(self, connection_id: int) -> tuple[list[int], int, int, int]:
         with self._shared.transaction() as db:
@@ -177,6 +191,13 @@ def _take(
     if waits:
         return 2, earliest - now, earliest, epoch
     return 1, 0, earliest, 0
+
+
+def _refused_until(db: sqlite3.Connection, conn: int) -> int:
+    row = db.execute(
+        "SELECT until FROM budget_refusals WHERE connection_id = ?", (conn,)
+    ).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def _nth_newest(db: sqlite3.Connection, conn: int, n: int) -> int | None:

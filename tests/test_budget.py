@@ -518,6 +518,28 @@ def test_a_429_stops_everything_until_reset(frozen: tuple[Backend, FrozenClock])
     assert b.usage(CONN).used == 0  # a refused take spent nothing
 
 
+def test_no_answer_lifts_a_429_before_its_reset(frozen: tuple[Backend, FrozenClock]) -> None:
+    """An answer that comes in after a 429 may have left HipChat before it (a call in flight
+    on another worker while this one was refused): its headers, even announcing a later reset
+    with calls to spare, do not lift the 429's stop before the 429's own reset."""
+    backend, clock = frozen
+    b = backend.make(capacity=10)
+    now = clock.now
+    b.observe(CONN, remaining=90, reset_at=now + 300)  # HipChat's 5-minute window
+    b.observe_429(CONN, reset_at=now + 3)  # "X-Ratelimit-Reset: 3"
+    b.observe(CONN, remaining=89, reset_at=now + 300)  # the late 200 of a call in flight
+    assert b.peek(CONN) == refused(3.0)
+    b.observe(CONN, remaining=50, reset_at=now + 600)
+    assert b.peek(CONN) == refused(3.0)
+    clock.now = now + 1
+    b.observe_429(CONN, reset_at=now + 2)  # an earlier reset shortens nothing
+    assert b.peek(CONN) == refused(2.0)
+    clock.now = now + 3  # the 429's reset: HipChat's headers count again
+    assert b.peek(CONN) == GRANTED
+    b.observe(CONN, remaining=0, reset_at=now + 300)
+    assert b.peek(CONN) == refused(297.0)
+
+
 def test_the_later_of_log_and_ceiling_decides(frozen: tuple[Backend, FrozenClock]) -> None:
     backend, clock = frozen
     b = backend.make(capacity=1, window=60.0)
