@@ -59,13 +59,15 @@ def app(tmp_path: Path, emulator: EmulatorServer) -> Celery:
     return app
 
 
-def run_as_worker(task: Task, *args: Any, headers: dict[str, Any] | None = None) -> Any:
+def run_as_worker(
+    task: Task, *args: Any, headers: dict[str, Any] | None = None, task_id: str = "test-task-id"
+) -> Any:
     """Run ``task`` the way a worker does (not eager, not called directly), so that
     ``self.retry`` publishes the retry and raises :class:`Retry` carrying its countdown.
     (``task.apply()`` would re-run an eager retry at once, without the countdown.)
     ``headers``: the custom headers of the message, as a retry carries them."""
     task.push_request(
-        id="test-task-id", args=list(args), kwargs={}, retries=0, is_eager=False,
+        id=task_id, args=list(args), kwargs={}, retries=0, is_eager=False,
         called_directly=False, delivery_info={}, headers=headers,
     )  # fmt: skip
     try:
@@ -236,6 +238,33 @@ def test_a_spent_budget_reserves_the_call_and_the_task_comes_back_for_it(
     wait_for(lambda: time.monotonic() >= due, 5, "the reservation to be due")
     assert run_as_worker(task, "ops", "@bobb", headers=headers)["mention_name"] == "bobb"
     assert len(emulator.state.call_log.select()) == 3
+
+
+def test_a_post_that_waited_for_the_budget_comes_back_for_one_call(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    """A post refused by the budget never called HipChat: it comes back as a first attempt,
+    for the one call it reserved, not as one that may have posted, which would look at the
+    room's history first: a second call the reservation does not cover (the fault suite saw
+    40 calls in a window of 20 from a burst of posts)."""
+    app = make_app(
+        tmp_path, emulator, bucket_capacity=2, bucket_window_seconds=1.0, bucket_margin_seconds=0.2
+    )
+    task = app.tasks["hipchat.action.post_message"]
+    for first in ("first", "then"):
+        run_as_worker(task, "ops", "General", first, task_id=first)
+    with pytest.raises(Retry) as caught:
+        run_as_worker(task, "ops", "General", "second", task_id="second")
+    empty = caught.value.__context__
+    assert isinstance(empty, BudgetEmpty)
+    assert caught.value.sig is not None
+    headers = caught.value.sig.options["headers"]
+    due = time.monotonic() + empty.retry_after
+    wait_for(lambda: time.monotonic() >= due, 5, "the reservation to be due")
+    sent = run_as_worker(task, "ops", "General", "second", headers=headers, task_id="second")
+    assert "repeated" not in sent
+    calls = [(c.method, c.path) for c in emulator.state.call_log.select()]
+    assert calls == [("POST", "/v2/room/General/message")] * 3
 
 
 def test_only_hipchats_failures_count_toward_action_max_attempts(
