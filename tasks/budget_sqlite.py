@@ -151,9 +151,9 @@ def _take(
     remaining = stored_remaining if capped else 0
 
     if held:
-        held_epoch, _, held_stamp = held.partition(":")
-        stamp = int(held_stamp)
-        if held_epoch == str(epoch) and stamp <= now <= stamp + limits.tolerance:
+        held_epoch, held_stamp, *reserved = held.split(":")
+        stamp, covers = int(held_stamp), int(reserved[0]) if reserved else 1
+        if held_epoch == str(epoch) and n <= covers and stamp <= now <= stamp + limits.tolerance:
             if capped and remaining < n:
                 return 0, reset - now, 0, 0
             if capped and mode != "peek":
