@@ -30,7 +30,7 @@ from tasks.celery_tasks import (
 from tasks.runtime import Runtime
 from tests.actions_support import add_connection, make_settings
 from tests.waiting import wait_for
-from worker.app import ACTION_QUEUE, create_app
+from worker.app import ACTION_QUEUE, broker_url_for, create_app, transport_options
 
 ACTION_TASKS = [
     "hipchat.action.list_room_users",
@@ -302,6 +302,25 @@ def test_every_task_has_soft_and_hard_time_limits(tmp_path: Path, emulator: Emul
     # An action makes up to three calls, each within the HTTP timeouts (5 s + 30 s).
     assert app.tasks["hipchat.action.post_message"].soft_time_limit == 3 * 35.0 + 10.0
     assert app.conf.broker_transport_options == {"polling_interval": 0.1}  # in-process
+
+
+def test_a_dead_workers_messages_come_back_soon_after_the_visibility_timeout(
+    tmp_path: Path,
+) -> None:
+    """kombu looks for messages whose visibility timeout has passed every
+    ``unacked_restore_interval`` seconds, but (since kombu 5.7) scans Redis only on every
+    ``unacked_restore_throttle``-th look: every 100 s by default. A task a killed worker held
+    came back 95 s after the kill with a 15 s timeout (the fault suite, scenario 3a)."""
+    settings = make_settings(
+        tmp_path, redis_url="redis://127.0.0.1:6379/0", broker_visibility_timeout_seconds=15.0
+    )
+    options = transport_options(broker_url_for(settings), settings)
+    assert options["visibility_timeout"] == 15.0
+    # kombu's defaults are 10 and 10: what is not set here is left to them.
+    sweep = options.get("unacked_restore_interval", 10) * options.get(
+        "unacked_restore_throttle", 10
+    )
+    assert sweep <= 10
 
 
 def test_an_action_past_its_soft_time_limit_is_a_failure_and_retried(
