@@ -132,9 +132,12 @@ class Database:
         self.url = make_url(url)
         self.engine = self._create_engine(engine_options)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._readonly = sessionmaker(
-            self.engine.execution_options(hipchat_readonly=True), expire_on_commit=False
-        )
+        readonly = self.engine.execution_options(hipchat_readonly=True)
+        if self.dialect == "postgresql":
+            # A read is its statements alone: no BEGIN and no COMMIT round trips (each
+            # statement sees committed data; the readers do not need one snapshot).
+            readonly = readonly.execution_options(isolation_level="AUTOCOMMIT")
+        self._readonly = sessionmaker(readonly, expire_on_commit=False)
 
     @property
     def dialect(self) -> str:

@@ -33,7 +33,8 @@ class Health:
     behind: list[str] = field(default_factory=list)
 
     @classmethod
-    def of(cls, row: ConnectionHealth | None, connection_id: int) -> Health:
+    def of(cls, row: Any, connection_id: int) -> Health:
+        """From a ``ConnectionHealth`` (or any row with its columns); None: never polled."""
         if row is None:
             return cls(connection_id)
         return cls(

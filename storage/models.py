@@ -134,7 +134,8 @@ class Connection(Base):
     # name so that connections spread over the interval and keep their slot across restarts.
     poll_offset_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Indexed: beat reads the connections changed since its last look every few seconds.
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, index=True)
 
     def __repr__(self) -> str:  # never shows the token, not even encrypted
         return f"Connection(id={self.id!r}, name={self.name!r}, state={self.state!r})"

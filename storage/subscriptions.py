@@ -122,6 +122,7 @@ def update_subscription(
     target_kind: str,
     target: dict[str, Any],
     name: str | None,
+    include_own: bool = False,
 ) -> Subscription:
     """Change what a subscription does with its events, in place: its event, room, watermark
     and priming stay (they say where it has got to), so nothing is skipped or fired twice."""
@@ -134,6 +135,7 @@ def update_subscription(
         raise ValidationError("bad subscription: " + "; ".join(errors), errors)
     subscription.filter, subscription.target_kind = filter, target_kind
     subscription.target, subscription.name = dict(target), name
+    subscription.include_own = bool(include_own)
     duplicate = f"this connection already has a subscription named {name!r}"
     with translated(duplicate), s.begin_nested():
         s.flush()

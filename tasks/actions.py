@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -89,7 +89,7 @@ class Actions:
       the calls are *reserved* and :class:`~tasks.budget.BudgetEmpty` carries the reservation
       and its wait; the caller comes back then with ``reservation``, and is not refused again.
     * ``wait_up_to`` seconds given (the command line): the action waits for its reservation,
-      if it is due within that time.
+      if it is due within that time (``on_wait`` is told how long).
     * neither (the Python API): :class:`~tasks.budget.BudgetEmpty` with the wait, nothing
       reserved.
 
@@ -106,11 +106,13 @@ class Actions:
         operation: str | None = None,
         reservation: str | None = None,
         wait_up_to: float = 0.0,
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.rt = rt
         self.operation = operation
         self.reservation = reservation
         self.wait_up_to = wait_up_to
+        self.on_wait = on_wait  # told each wait for the budget, in seconds
         with rt.db.session() as s:
             row = conns.get_connection(s, connection)
             if row is None:
@@ -145,6 +147,12 @@ class Actions:
         self.reservation = None  # a reservation is used once
         reserve = self.operation is not None or self.wait_up_to > 0
         deadline = time.monotonic() + self.wait_up_to
+        if self.operation is None and held is None and reserve:
+            # A waiting caller that will not wait long enough reserves nothing: a reservation
+            # it walked away from would hold calls nobody makes.
+            probe = budget.peek(self.connection_id, calls)
+            if not probe.granted and probe.wait > self.wait_up_to:
+                raise budget.empty(self.connection_id, probe)
         while True:
             if reserve:
                 grant = budget.reserve(self.connection_id, calls, held=held)
@@ -156,6 +164,8 @@ class Actions:
                 raise budget.empty(self.connection_id, grant)
             # The command line waits for its slot (a reservation honoured from its moment).
             held = grant.reservation
+            if self.on_wait is not None:
+                self.on_wait(grant.wait)
             time.sleep(grant.wait)
 
     def list_room_users(self, room: Room) -> dict[str, Any]:
@@ -189,7 +199,9 @@ class Actions:
         earlier = self._began()
         with self._client(calls=1 if earlier is None else 2, first_post=earlier is None) as client:
             if earlier is not None:
-                found = self._earlier(client, ref, earlier, "message", message, None)
+                found = _earlier_post(
+                    self.rt, self.connection_id, client, ref, earlier, "message", message, None
+                )
                 if found is not None:
                     self.rt.posts.remember(self.connection_id, [posts.message_key(found.id)])
                     return {"id": found.id, "timestamp": found.raw.get("date"), "repeated": True}
@@ -260,19 +272,6 @@ class Actions:
             except BadRequest as exc:
                 raise ValidationError(f"HipChat refused to add {ref!r}: {exc}") from exc
         return {"added": True, "room": found.id, "user": ref}
-
-    def _earlier(
-        self,
-        client: HipChatClient,
-        room: Room,
-        began: float,
-        kind: str,
-        text: str,
-        from_label: str | None,
-    ) -> Message | None:
-        return _earlier_post(
-            self.rt, self.connection_id, client, room, began, kind, text, from_label
-        )
 
     def _began(self) -> float | None:
         """Record this operation's intent to post; when an earlier attempt of it began."""

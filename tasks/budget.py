@@ -16,8 +16,10 @@ What the budget adds on top of that rule:
   holding the reservation: one wait, no retry storm, first come first served (a later caller
   queues behind every reservation). A reservation is honoured from its moment until
   ``margin / 2`` after it (so that a late caller cannot squeeze two calls closer than W),
-  and for the calls it reserved, no more; a caller later than that, or wanting more, takes
-  anew.
+  and for the calls it reserved, no more; a caller that comes back early gets the same
+  reservation with what is left of its wait, and one later than the tolerance, or wanting
+  more calls than it reserved, gives its slot back (its stamps stood for no call and leave
+  the log) and queues again.
 * **HipChat's own word** (:meth:`observe`, :meth:`observe_429`): ``X-Ratelimit-Remaining`` /
   ``-Reset`` and 429s lower the budget until HipChat's reset, whatever our own count says.
 * **A lost log refuses a window**: the state hash carries an ``epoch``; when Redis comes back
@@ -44,13 +46,13 @@ from enum import IntEnum
 from string import Template
 from typing import Any, Protocol
 
-import redis
 from redis.exceptions import NoScriptError
 
 from storage.errors import BucketEmpty
+from tasks import metrics
 from tasks.hipchat_types import RateLimitInfo
 from tasks.keys import Keys
-from tasks.redis_conn import UNAVAILABLE, load_script, redis_errors, unavailable
+from tasks.redis_conn import UNAVAILABLE, RedisClient, load_script, redis_errors, unavailable
 
 # No reservation further ahead than this: a task waiting longer is re-sent without one (the
 # broker's visibility timeout must exceed the longest countdown, see docs/reliability.md).
@@ -184,6 +186,7 @@ class SlidingLogBudget:
     def empty(self, connection_id: int, grant: Grant) -> BudgetEmpty:
         """The error that tells a caller to come back after ``grant.wait``."""
         what = "reserved" if grant.reservation else "retry"
+        metrics.budget_wait()
         return BudgetEmpty(
             f"connection {connection_id} has used its HipChat call budget "
             f"({self.capacity} per {self.window_seconds:g}s or HipChat's own limit); "
@@ -291,7 +294,7 @@ class Usage:
 class RedisLog:
     """The log and state in Redis: one EVALSHA per take, keys under the connection's tag."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: RedisClient, keys: Keys) -> None:
         self._redis = client
         self._keys = keys
         self._ceiling = load_script("budget_ceiling.lua")
@@ -341,13 +344,15 @@ class RedisLog:
             pipe = self._redis.pipeline(transaction=False)
             pipe.lrange(self._keys.budget_log(connection_id), 0, -1)
             pipe.hmget(self._keys.budget_state(connection_id), "remaining", "reset")
-            pipe.time()
-            stamps, (remaining, reset), (seconds, micros) = pipe.execute()
+            stamps, (remaining, reset) = pipe.execute()
+            # Not in the pipeline: a cluster client refuses keyless commands there (and asks
+            # any node, whose clock is as good for counting usage).
+            now_us = _redis_now_us(self._redis)
         return (
             [int(s) for s in stamps],
             int(remaining) if remaining is not None else -1,
             int(reset or 0),
-            int(seconds) * 1_000_000 + int(micros),
+            now_us,
         )
 
     def _eval(
@@ -365,6 +370,6 @@ def _sha(script: str) -> str:
     return hashlib.sha1(script.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
-def _redis_now_us(client: redis.Redis) -> int:
+def _redis_now_us(client: RedisClient) -> int:
     seconds, micros = client.time()
     return int(seconds) * 1_000_000 + int(micros)

@@ -150,15 +150,24 @@ def _take(
     capped = stored_remaining is not None and reset > now
     remaining = stored_remaining if capped else 0
 
-    if held:
-        held_epoch, held_stamp, *reserved = held.split(":")
-        stamp, covers = int(held_stamp), int(reserved[0]) if reserved else 1
-        if held_epoch == str(epoch) and n <= covers and stamp <= now <= stamp + limits.tolerance:
-            if capped and remaining < n:
-                return 0, reset - now, 0, 0
-            if capped and mode != "peek":
-                _spend(db, conn, n)
-            return 1, 0, stamp, 0
+    if held and mode == "reserve":
+        held_epoch, held_stamp, *counted = held.split(":")
+        stamp, reserved = int(held_stamp), int(counted[0]) if counted else 1
+        if held_epoch == str(epoch):
+            if n <= reserved and now < stamp:  # early: the same reservation
+                return 2, stamp - now, stamp, epoch
+            if n <= reserved and now <= stamp + limits.tolerance:  # due
+                if capped and remaining < n:
+                    return 0, reset - now, 0, 0
+                if capped:
+                    _spend(db, conn, n)
+                return 1, 0, stamp, 0
+            # late, or wanting more than it reserved: its slot goes unused; its stamps stood
+            # for no call
+            db.executemany(
+                "DELETE FROM budget_log WHERE connection_id = ? AND stamp = ?",
+                [(conn, stamp + i) for i in range(reserved)],
+            )
 
     earliest = now
     bound = _nth_newest(db, conn, limits.capacity - n)

@@ -67,22 +67,34 @@ local reset = tonumber(st[3] or '0')
 local capped = st[2] and reset > now
 local remaining = capped and tonumber(st[2]) or 0
 
--- A reservation that is due is the caller's to use: it is already in the log. It covers
--- the calls it reserved, no more (one more would be a call the log does not hold).
-if held ~= '' then
+-- A held reservation (of this epoch: older ones went with the lost log) covers the calls it
+-- reserved, no more (one more would be a call the log does not hold):
+--   * early (a clock or a timer ran fast): the same reservation, with what is left of its wait;
+--   * due: the caller's to use, it is already in the log;
+--   * late (a busy worker came back after the tolerance), or wanting more calls than it
+--     reserved: its slot goes unused, so its stamps leave the log (they stood for no call) and
+--     the caller queues again like anyone else.
+if held ~= '' and mode == 'reserve' then
   local sep = string.find(held, ':', 1, true)
   local sep2 = string.find(held, ':', sep + 1, true)
   local stamp = tonumber(string.sub(held, sep + 1, (sep2 or 0) - 1))
   local reserved = sep2 and tonumber(string.sub(held, sep2 + 1)) or 1
-  if string.sub(held, 1, sep - 1) == epoch and n <= reserved
-      and now >= stamp and now <= stamp + tolerance then
-    if capped and remaining < n then
-      return reset - now
+  if string.sub(held, 1, sep - 1) == epoch then
+    if n <= reserved and now < stamp then
+      return {stamp - now, stamp, epoch}
     end
-    if capped and mode ~= 'peek' then
-      redis.call('HINCRBY', state, 'remaining', -n)
+    if n <= reserved and now <= stamp + tolerance then
+      if capped and remaining < n then
+        return reset - now
+      end
+      if capped then
+        redis.call('HINCRBY', state, 'remaining', -n)
+      end
+      return 0
     end
-    return 0
+    for i = 0, reserved - 1 do
+      redis.call('LREM', log, 1, int(stamp + i))
+    end
   end
 end
 

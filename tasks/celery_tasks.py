@@ -24,6 +24,7 @@ from celery import Task, shared_task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from storage.errors import BucketEmpty, RateLimited, RetryLater, TransportError
+from tasks import metrics
 from tasks.actions import Actions
 from tasks.delivery import backoff_seconds, drain
 from tasks.poll import PollResult, poll_connection
@@ -94,7 +95,8 @@ def poll_connection_task(
         if not held:
             return f"connection {connection_id}: a poll is already running"
         try:
-            poll_connection(rt, connection_id, result=result, done=done or ())
+            with metrics.PollTimer(result):
+                poll_connection(rt, connection_id, result=result, done=done or ())
         except RetryLater as exc:
             failure = exc
     # Streams committed before a failure are handed over now, not a minute later by the relay.
@@ -137,7 +139,9 @@ def deliver_task(self: Task, subscription_id: int) -> str:
         if result.reservation is not None:  # just after it is due
             countdown += random.uniform(0, rt.settings.bucket_margin_seconds / 4)
         headers = {RESERVATION_HEADER: result.reservation}
-        raise self.retry(countdown=countdown, headers=headers)
+        # The reason goes with the retry, so that Flower and the logs say why it waits.
+        why = None if result.reason is None else RetryLater(result.reason, countdown)
+        raise self.retry(countdown=countdown, headers=headers, exc=why)
     return f"subscription {subscription_id}: delivered {result.delivered}, dead {result.dead}"
 
 
@@ -145,6 +149,7 @@ def deliver_task(self: Task, subscription_id: int) -> str:
 def relay_outbox_task(self: Task) -> str:
     """Re-enqueue drains for events a dead worker committed but never handed over."""
     count = relay(Runtime.of(self.app), _send_drain(self), datetime.now(UTC))
+    metrics.relayed(count)
     return f"relayed {count} events"
 
 

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from http.cookiejar import DefaultCookiePolicy
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
@@ -35,6 +36,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.utils import get_environ_proxies
 
 from storage.connections import normalise_base_url, validate_token
 from storage.errors import (
@@ -50,6 +52,7 @@ from storage.errors import (
     TransportError,
     ValidationError,
 )
+from tasks import metrics
 from tasks.hipchat_types import RateLimitInfo
 from tasks.pagination import same_origin_url
 from tasks.ratelimit_headers import parse_rate_limit, retry_after_seconds, too_many_requests
@@ -57,7 +60,9 @@ from tasks.ratelimit_headers import parse_rate_limit, retry_after_seconds, too_m
 log = logging.getLogger("tasks.client")
 T = TypeVar("T")
 
-POOL_MAXSIZE = 10
+# Connections kept open per host: at least the threads of a `-P threads` worker that may call
+# one HipChat server at once (a connection beyond it is opened, used and closed).
+POOL_MAXSIZE = 32
 DEFAULT_SERVER_RETRY_SECONDS = 5.0
 DEFAULT_TRANSPORT_RETRY_SECONDS = 5.0
 _SERVER_TEXT_MAX_CHARS = 200
@@ -106,8 +111,14 @@ def _check_timeout(timeout: tuple[float, float]) -> tuple[float, float]:
 def new_session(pool_maxsize: int = POOL_MAXSIZE) -> requests.Session:
     """A pooled session that keeps no cookies: one session serves every connection of a
     worker process (keep-alive across polls), and one token's cookies must never ride along
-    with another's request."""
+    with another's request.
+
+    It does not read the environment on each request (``trust_env``): that walks every
+    environment variable twice per call (a tenth of a quiet poll's CPU) and would let a
+    ``~/.netrc`` entry replace the Bearer token. :func:`send` applies the environment's
+    proxies and CA bundle instead, read once per origin (:func:`environment_settings`)."""
     session = requests.Session()
+    session.trust_env = False
     session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     # max_retries=0: a hidden retry would spend another call of the shared budget behind
     # the caller's back; every RetryLater carries retry_after so the caller decides.
@@ -221,6 +232,7 @@ class HttpCore:
         text = f"{where}: HTTP {status}: {self._server_text(response)}"
         if status == 429:
             wait, flood = too_many_requests(response.headers, now)
+            metrics.rate_limited(flood)
             if not flood and self._on_refused is not None:
                 # HipChat's word wins: no call of this connection until its reset, from any
                 # worker (flood control is one room's send limit: the caller waits alone).
@@ -257,6 +269,10 @@ def send(
     request in messages (method and path, never a query string: it may hold a secret);
     ``peer`` starts its DEBUG line."""
     started = time.perf_counter()
+    if not session.trust_env:
+        proxies, verify = environment_settings(*urlsplit(url)[:2])
+        options.setdefault("proxies", proxies)
+        options.setdefault("verify", verify)
     try:
         response = session.request(method, url, allow_redirects=False, **options)
     except _TRANSPORT_ERRORS as exc:
@@ -272,8 +288,19 @@ def send(
     return response
 
 
+@lru_cache(maxsize=1024)
+def environment_settings(scheme: str, netloc: str) -> tuple[dict[str, str], bool | str]:
+    """What ``requests`` would take from the environment for this origin, read once per
+    process: the proxies (``HTTPS_PROXY``, ``NO_PROXY``...) and the CA bundle
+    (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``)."""
+    proxies = get_environ_proxies(f"{scheme}://{netloc}/")
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    return proxies, bundle or True
+
+
 def _log(peer: str, where: str, outcome: int | str, started: float) -> None:
     elapsed_ms = (time.perf_counter() - started) * 1000.0
+    metrics.http_call(peer, outcome, elapsed_ms / 1000.0)
     log.debug("%s %s -> %s in %.1f ms", peer, where, outcome, elapsed_ms)
 
 

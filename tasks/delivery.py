@@ -28,6 +28,7 @@ from storage import outbox
 from storage import subscriptions as subs
 from storage.errors import BucketEmpty, InvalidInput, NeedsAttention, RateLimited, RetryLater
 from storage.vocabulary import SubscriptionState
+from tasks import metrics
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import SubView
 from tasks.targets import deliver
@@ -49,6 +50,7 @@ class DrainResult:
     retry_after: float | None = None  # set when the drain stopped early: drain again then
     busy: bool = False  # another worker holds this subscription's drain (and was told)
     reservation: str | None = None  # the call budget reserved for the next attempt
+    reason: str | None = None  # why the drain stopped early, for the task's retry (Flower)
 
 
 def backoff_seconds(
@@ -101,29 +103,36 @@ def _drain_locked(
             if event is None:
                 return DrainResult(delivered, dead)
             if event.next_attempt_at is not None and event.next_attempt_at > moment:
-                return DrainResult(
-                    delivered, dead, (event.next_attempt_at - moment).total_seconds()
-                )
+                backoff = (event.next_attempt_at - moment).total_seconds()
+                why = f"event {event.id} waits {backoff:.1f}s for its next attempt"
+                return DrainResult(delivered, dead, backoff, reason=why)
             event_id, payload, attempts = event.id, dict(event.payload), event.attempts
         held, reservation = reservation, None  # the head event's, used or not
         started = time.monotonic()
         try:
             outcome = deliver(rt, sub, payload, reservation=held)
         except RetryLater as exc:
-            wait = _failed(rt, event_id, attempts + 1, exc, moment, _ms_since(started))
+            took = _ms_since(started)
+            wait = _failed(rt, event_id, attempts + 1, exc, moment, took)
+            metrics.delivery_finished(sub.target_kind, took / 1000, exc, dead=wait is None)
             if wait is None:
                 dead += 1
                 continue
-            return DrainResult(delivered, dead, wait, reservation=getattr(exc, "reservation", None))
+            why = f"event {event_id}: {type(exc).__name__}: {exc}"
+            held = getattr(exc, "reservation", None)
+            return DrainResult(delivered, dead, wait, reservation=held, reason=why)
         except (InvalidInput, NeedsAttention) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            _dead(rt, event_id, attempts + 1, error, moment, _ms_since(started))
+            took = _ms_since(started)
+            metrics.delivery_finished(sub.target_kind, took / 1000, exc, dead=True)
+            _dead(rt, event_id, attempts + 1, f"{type(exc).__name__}: {exc}", moment, took)
             dead += 1
             if stop_if_gone(rt, sub, exc):
                 return DrainResult(delivered, dead)
             continue
+        took = _ms_since(started)
+        metrics.delivery_finished(sub.target_kind, took / 1000)
         with rt.db.session() as s:
-            outbox.mark_delivered(s, event_id, moment, outcome, duration_ms=_ms_since(started))
+            outbox.mark_delivered(s, event_id, moment, outcome, duration_ms=took)
         log.info("delivered event=%s sub=%s %s: %s", event_id, sub.id, sub.event, outcome)
         delivered += 1
     # Out of events or time for this drain, not out of work: the caller drains again now.

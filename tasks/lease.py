@@ -29,7 +29,7 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from tasks.keys import Keys
-from tasks.redis_conn import load_script, redis_errors
+from tasks.redis_conn import RedisClient, load_script, redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Leases:
     """The poll leases, drain locks and poll slots of one Redis."""
 
     def __init__(
-        self, redis: redis.Redis, keys: Keys, *, ttl_seconds: float = LOCK_TTL_SECONDS
+        self, redis: RedisClient, keys: Keys, *, ttl_seconds: float = LOCK_TTL_SECONDS
     ) -> None:
         _ttl_ms(ttl_seconds)
         self._redis = redis

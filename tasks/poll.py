@@ -36,7 +36,6 @@ from sqlalchemy.orm import Session
 
 from storage import connections as conns
 from storage import outbox, watermarks
-from storage import rooms as room_store
 from storage import subscriptions as subs
 from storage.errors import (
     AuthFailed,
@@ -52,15 +51,14 @@ from storage.errors import (
 )
 from storage.health import Health
 from storage.outbox import NewEvent
-from storage.rooms import ParticipantSnapshot, RoomSnapshot
-from storage.vocabulary import ROOM_LIST_ROOM_ID, Event, Stream
-from tasks import diff, events, health, posts
+from storage.vocabulary import ROOM_LIST_ROOM_ID, Stream
+from tasks import diff, events, health, metrics, posts
 from tasks.client import HipChatClient
 from tasks.diff import HistoryMark
 from tasks.filters import compile_filter
-from tasks.hipchat_types import Message, Room, UserStub
+from tasks.hipchat_types import Message
 from tasks.poll_plan import ConnView, PollState, StreamRead, load, plan, resolve_rooms
-from tasks.rooms_diff import diff_participants, diff_rooms
+from tasks.poll_snapshots import poll_participants, poll_room_list
 from tasks.runtime import Runtime
 from tasks.subscriptions_api import SubView
 
@@ -119,9 +117,9 @@ class Poll:
             if stream.kind == Stream.HISTORY:
                 self._poll_room_history(stream.room_id, stream.subs)
             elif stream.kind == Stream.PARTICIPANTS:
-                self._poll_room_participants(stream.room_id, stream.subs)
+                poll_participants(self, stream.room_id, stream.subs)
             else:
-                self._poll_room_list(stream.subs)
+                poll_room_list(self, stream.subs)
         except NotFound:
             if stream.kind == Stream.ROOMS:
                 raise  # no room to blame: the base URL is wrong
@@ -214,95 +212,13 @@ class Poll:
             payload = events.message_event(
                 sub.event,
                 msg,
-                self._room_stub(sub),
+                self.room_stub(sub),
                 connection=self.conn.summary(),
                 subscription=sub.summary(),
                 matches=matches,
             )
-            found.append(self._new_event(sub, payload))
+            found.append(self.new_event(sub, payload))
         return found
-
-    # -- participant triggers -----------------------------------------------------------
-    def _poll_room_participants(self, room_id: int, room_subs: list[SubView]) -> None:
-        current = self.client.participants(room_id)
-        known = self.state.participants.get(room_id, {})
-        primed = (room_id, Stream.PARTICIPANTS) in self.state.marks
-        unchanged = {u.id: ParticipantSnapshot.of(u) for u in current} == known
-        priming = [x for x in room_subs if not x.primed]
-        if primed and unchanged and not priming:
-            return  # the quiet path: read in the poll's one read transaction, nothing to write
-        # Baseline, diff, new baseline and events in one transaction, the generation read
-        # first: a concurrent poll that commits meanwhile cannot pair our old generation
-        # with its new baseline (see _generation).
-        with self.rt.db.session() as s:
-            generation = _generation(s, self.conn.id, room_id, Stream.PARTICIPANTS)
-            stored = room_store.known_participants(s, self.conn.id, room_id)
-            found: list[NewEvent] = []
-            if generation is not None:
-                entered, exited = diff_participants(
-                    {
-                        uid: {"id": uid, "name": p.name, "mention_name": p.mention_name}
-                        for uid, p in stored.items()
-                    },
-                    current,
-                )
-                for sub in (x for x in room_subs if x.primed):
-                    people = entered if sub.event == Event.ROOM_ENTER else exited
-                    found += [self._participant_event(sub, user, generation) for user in people]
-            room_store.replace_participants(
-                s,
-                self.conn.id,
-                room_id,
-                [ParticipantSnapshot.of(u) for u in current],
-                at=self.now,
-                known=stored,
-            )
-            inserted = self._store(s, found, priming)
-        self._committed(inserted)
-
-    def _participant_event(
-        self, sub: SubView, user: UserStub | dict[str, Any], generation: str
-    ) -> NewEvent:
-        payload = events.participant_event(
-            sub.event,
-            user,
-            self._room_stub(sub),
-            connection=self.conn.summary(),
-            subscription=sub.summary(),
-            generation=generation,
-        )
-        return self._new_event(sub, payload)
-
-    # -- room-list triggers -------------------------------------------------------------
-    def _poll_room_list(self, room_subs: list[SubView]) -> None:
-        current: list[Room] = self.client.list_rooms(include_private=True, include_archived=True)
-        primed = (ROOM_LIST_ROOM_ID, Stream.ROOMS) in self.state.marks
-        unchanged = {r.id: RoomSnapshot.of(r) for r in current} == (self.state.rooms or {})
-        priming = [x for x in room_subs if not x.primed]
-        if primed and unchanged and not priming:
-            return  # the quiet path
-        with self.rt.db.session() as s:  # one transaction, generation first: see above
-            generation = _generation(s, self.conn.id, ROOM_LIST_ROOM_ID, Stream.ROOMS)
-            stored = room_store.known_rooms(s, self.conn.id)
-            known = {rid: room_store.room_snapshot(row) for rid, row in stored.items()}
-            found: list[NewEvent] = []
-            if generation is not None:
-                for change in diff_rooms(known, current):
-                    for sub in room_subs:
-                        if sub.event == change.event and sub.primed:
-                            payload = events.room_event(
-                                change,
-                                connection=self.conn.summary(),
-                                subscription=sub.summary(),
-                                generation=generation,
-                                base_url=self.conn.base_url,
-                            )
-                            found.append(self._new_event(sub, payload))
-            room_store.replace_known_rooms(
-                s, self.conn.id, [RoomSnapshot.of(r) for r in current], at=self.now, known=stored
-            )
-            inserted = self._store(s, found, priming)
-        self._committed(inserted)
 
     # -- shared pieces --------------------------------------------------------------------
     def _commit(
@@ -317,25 +233,26 @@ class Poll:
         mark = mark or HistoryMark(None, watermarks.EMPTY_DATE)
         with self.rt.db.session() as s:
             watermarks.advance_watermark(s, self.conn.id, room_id, stream, mark.id, mark.date)
-            inserted = self._store(s, found, priming)
-        self._committed(inserted)
+            inserted = self.store(s, found, priming)
+        self.committed(inserted)
 
-    def _store(
+    def store(
         self, s: Session, found: list[NewEvent], priming: list[SubView]
     ) -> list[tuple[int, int]]:
         """Write events and priming marks; (subscription id, event id) of each new event."""
         inserted = outbox.add_events(s, found)
+        metrics.detection_lag_on_commit(s, inserted)
         if priming:
             subs.mark_primed(s, [x.id for x in priming], self.now)
         s.flush()
         return [(row.subscription_id, row.id) for row in inserted]
 
-    def _committed(self, inserted: list[tuple[int, int]]) -> None:
+    def committed(self, inserted: list[tuple[int, int]]) -> None:
         # Only after the transaction committed: a rolled-back event must never be dispatched.
         for subscription_id, event_id in inserted:
             self.result.dispatch.setdefault(subscription_id, []).append(event_id)
 
-    def _new_event(self, sub: SubView, payload: dict[str, Any]) -> NewEvent:
+    def new_event(self, sub: SubView, payload: dict[str, Any]) -> NewEvent:
         return NewEvent(
             connection_id=self.conn.id,
             subscription_id=sub.id,
@@ -344,7 +261,7 @@ class Poll:
             payload=payload,
         )
 
-    def _room_stub(self, sub: SubView) -> dict[str, Any]:
+    def room_stub(self, sub: SubView) -> dict[str, Any]:
         return events.room_stub(
             self.conn.base_url, sub.room_id or 0, sub.room_name or sub.room or ""
         )
@@ -363,18 +280,6 @@ def _post_key(msg: Message) -> str:
         label = msg.raw.get("from")
         return posts.notification_key(msg.text, label if isinstance(label, str) else None)
     return posts.message_key(msg.id)
-
-
-def _generation(s: Session, conn_id: int, room_id: int, stream: str) -> str | None:
-    """The stored snapshot's time: the same for every poll that diffs against it, so a
-    redelivered or concurrent poll builds the same idempotency keys. None: not primed.
-
-    Read it first, in the transaction that stores the new baseline: a poll committing in
-    between can then at worst pair its newer baseline with the older generation, never the
-    older baseline with its newer generation (which would fire its events again under new
-    keys). The poll lease keeps polls of one connection from overlapping in the first place."""
-    mark = watermarks.get_watermark(s, conn_id, room_id, stream)
-    return mark.last_date.isoformat() if mark is not None else None
 
 
 def poll_connection(

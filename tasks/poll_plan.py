@@ -1,9 +1,10 @@
-"""What one poll of a connection reads, and in which order: the poll's one read transaction
+"""What one poll of a connection reads, and in which order: the poll's one read statement
 and pure planning.
 
-* :func:`load`: in **one** read transaction, the connection (its token decrypted, cached per
-  process), its active subscriptions, its watermarks, its health, and the baselines the
-  participant and room-list diffs compare against. A quiet poll reads nothing else.
+* :func:`load`: in **one** statement, the connection (its token decrypted, cached per
+  process), its active subscriptions, the watermarks of their rooms and its health; the
+  baselines the participant and room-list diffs compare against only when a subscription
+  needs them. A quiet poll of history triggers reads nothing else.
 * :func:`resolve_rooms`: every room subscription gets its numeric room id and HipChat's name
   (one lookup per unresolved room, stored, so only the first poll pays it).
 * :func:`plan`: the streams the subscriptions need, each read once whatever the number of
@@ -19,7 +20,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from storage import subscriptions as subs
@@ -129,31 +130,54 @@ def load(rt: Runtime, connection_id: int) -> PollState | None:
     )
 
 
+# The quiet poll's whole read, one statement: the connection and its health, each active
+# subscription, and the watermarks of the rooms they watch (the room list's for a room-list
+# subscription). A subscription on a room with two streams read (history and participants)
+# comes twice, once per watermark; the rows are folded back in _read.
+_H, _S, _W = ConnectionHealth, Subscription, Watermark
+_ONE_READ = (
+    select(
+        # Labelled so that a row reads as a subscription (SubView.of) and as a health record
+        # (Health.of): both take the attributes they need.
+        Connection.id.label("connection_id"), Connection.state,
+        Connection.name.label("conn_name"), Connection.base_url, Connection.token_encrypted,
+        _H.connection_id.label("health_of"), _H.last_poll_at, _H.last_ok_at, _H.status,
+        _H.failing_since, _H.rooms, _H.behind,
+        _S.id, _S.name, _S.event, _S.room, _S.room_id, _S.room_name,
+        _S.filter, _S.target_kind, _S.target, _S.backfill, _S.primed_at, _S.include_own,
+        _W.room_id.label("mark_room"), _W.stream, _W.last_id, _W.last_date,
+    )
+    .select_from(Connection)
+    .outerjoin(_H, _H.connection_id == Connection.id)
+    .outerjoin(
+        _S, (_S.connection_id == Connection.id) & (_S.state == SubscriptionState.ACTIVE)
+    )
+    .outerjoin(
+        _W,
+        (_W.connection_id == Connection.id)
+        & (_W.room_id == func.coalesce(_S.room_id, ROOM_LIST_ROOM_ID)),
+    )
+    .where(Connection.id == bindparam("connection_id"))
+    .order_by(_S.id)
+)  # fmt: skip
+
+
 def _read(s: Session, connection_id: int) -> tuple[Any, ...] | None:
-    found = s.execute(
-        select(Connection, ConnectionHealth)
-        .outerjoin(ConnectionHealth, ConnectionHealth.connection_id == Connection.id)
-        .where(Connection.id == connection_id)
-    ).one_or_none()
-    if found is None or found[0].state != ConnectionState.ACTIVE:
+    rows = s.execute(_ONE_READ, {"connection_id": connection_id}).all()
+    if not rows or rows[0].state != ConnectionState.ACTIVE:
         return None
-    row, health_row = found
-    views = [
-        SubView.of(x)
-        for x in s.scalars(
-            select(Subscription)
-            .where(
-                Subscription.connection_id == connection_id,
-                Subscription.state == SubscriptionState.ACTIVE,
-            )
-            .order_by(Subscription.id)
-        )
+    first = rows[0]
+    views: dict[int, SubView] = {}
+    marks: dict[tuple[int, str], HistoryMark] = {}
+    for row in rows:
+        if row.id is not None and row.id not in views:
+            views[row.id] = SubView.of(row)
+        if row.stream is not None:
+            marks[(row.mark_room, row.stream)] = HistoryMark(row.last_id, row.last_date)
+    subscriptions = list(views.values())
+    participant_rooms = [
+        v.room_id for v in subscriptions if v.event in PARTICIPANT_EVENTS and v.room_id
     ]
-    marks = {
-        (w.room_id, w.stream): HistoryMark(w.last_id, w.last_date)
-        for w in s.scalars(select(Watermark).where(Watermark.connection_id == connection_id))
-    }
-    participant_rooms = [v.room_id for v in views if v.event in PARTICIPANT_EVENTS and v.room_id]
     participants: dict[int, dict[int, ParticipantSnapshot]] = defaultdict(dict)
     if participant_rooms:
         for p in s.scalars(
@@ -166,14 +190,14 @@ def _read(s: Session, connection_id: int) -> tuple[Any, ...] | None:
                 p.user_id, p.name, p.mention_name
             )
     rooms = None
-    if any(v.event in ROOM_LIST_EVENTS for v in views):
+    if any(v.event in ROOM_LIST_EVENTS for v in subscriptions):
         rooms = {
             r.room_id: room_snapshot(r)
             for r in s.scalars(select(KnownRoom).where(KnownRoom.connection_id == connection_id))
         }
-    conn = ConnView(row.id, row.name, row.base_url)
-    health = Health.of(health_row, connection_id)
-    return conn, row.token_encrypted, views, marks, health, dict(participants), rooms
+    conn = ConnView(connection_id, first.conn_name, first.base_url)
+    health = Health.of(first if first.health_of is not None else None, connection_id)
+    return conn, first.token_encrypted, subscriptions, marks, health, dict(participants), rooms
 
 
 def resolve_rooms(

@@ -23,10 +23,8 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
-import redis
-
 from tasks.keys import Keys
-from tasks.redis_conn import redis_errors
+from tasks.redis_conn import RedisClient, redis_errors
 from tasks.shared_file import SharedFile
 
 # How long a post is remembered as the connection's own: far longer than a poll interval.
@@ -67,7 +65,7 @@ class Posts(Protocol):
 
 
 class RedisPosts:
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: RedisClient, keys: Keys) -> None:
         self._redis = client
         self._keys = keys
 

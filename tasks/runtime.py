@@ -12,7 +12,6 @@ import threading
 from functools import cached_property
 from typing import Any
 
-import redis
 import requests
 
 from storage.crypto import TokenCipher, load_or_create_key
@@ -25,7 +24,7 @@ from tasks.health import HealthBook
 from tasks.keys import Keys
 from tasks.lease import Leases
 from tasks.posts import Posts, RedisPosts, SqlitePosts
-from tasks.redis_conn import connect
+from tasks.redis_conn import RedisClient, connect
 from tasks.settings import Settings
 from tasks.shared_file import SharedFile
 
@@ -68,7 +67,7 @@ class Runtime:
         return Keys(self.settings.redis_key_prefix)
 
     @cached_property
-    def redis(self) -> redis.Redis:
+    def redis(self) -> RedisClient:
         return connect(self.settings)
 
     @cached_property

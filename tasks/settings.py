@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -24,6 +25,12 @@ HIPCHAT_WINDOW = 60.0  # ... in this many seconds
 MAX_INTERVAL_SECONDS = 86_400.0  # a poll, relay or retry wait of a day is already a mistake
 DATABASES = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+# A Redis Cluster: the scheme says so, and maps to the plain scheme of its nodes.
+REDIS_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+REDIS_CLUSTER_URL = "redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]"
+NOT_A_CLUSTER_BROKER = (
+    "Celery's broker cannot be a Redis Cluster: use a single Redis (redis://) or RabbitMQ (amqp://)"
+)
 
 
 def _default_data_dir() -> str:
@@ -70,6 +77,15 @@ class Settings:
 
     handlers_module: str | None = None
     log_level: str = "INFO"
+    # Beat touches this file every few seconds while it ticks and reaches the broker: a
+    # container healthcheck reads its age (docker-compose.yml). None: no file.
+    beat_heartbeat_file: str | None = None
+    # Prometheus' multiprocess files of the processes that record metrics (worker, beat, run),
+    # one directory per process group (worker.metrics_process). None: DATA_DIR/metrics.
+    metrics_dir: str | None = None
+    # Connections whose budget and health `hipchat-poller metrics` reports one by one, per
+    # scrape (the lowest ids); the totals cover every connection.
+    metrics_max_connections: int = 500
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -132,6 +148,15 @@ class Settings:
         return self.redis_url is None
 
     @property
+    def redis_cluster(self) -> bool:
+        """True when ``redis_url`` names a Redis Cluster (``redis+cluster://``)."""
+        return self.redis_url is not None and _is_cluster(self.redis_url)
+
+    @property
+    def effective_metrics_dir(self) -> str:
+        return self.metrics_dir or str(Path(self.data_dir) / "metrics")
+
+    @property
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -181,6 +206,7 @@ _RULES: tuple[tuple[str, Callable[[Settings], bool], str], ...] = (
         "at least WEBHOOK_BACKOFF_BASE_SECONDS",
     ),
     ("action_max_attempts", lambda s: s.action_max_attempts >= 1, "at least 1"),
+    ("metrics_max_connections", lambda s: s.metrics_max_connections >= 0, "at least 0"),
     (
         "broker_visibility_timeout_seconds",
         lambda s: s.broker_visibility_timeout_seconds > 0,
@@ -209,8 +235,76 @@ def _url_errors(settings: Settings) -> list[str]:
             errors.append(f"{PREFIX}DATABASE_URL: write postgresql+psycopg:// (psycopg 3)")
         elif scheme not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
             errors.append(f"{PREFIX}DATABASE_URL: {scheme} is not supported; use {DATABASES}")
-    if settings.redis_url is not None and _scheme(settings.redis_url) not in REDIS_SCHEMES:
-        errors.append(f"{PREFIX}REDIS_URL must be redis://HOST:PORT/DB (or rediss://, unix://)")
-    if settings.broker_url is not None and _scheme(settings.broker_url) is None:
+    if settings.redis_url is not None:
+        errors += _redis_url_errors(settings.redis_url)
+    broker = settings.broker_url
+    if broker is not None and _is_cluster(broker):
+        errors.append(f"{PREFIX}BROKER_URL: {NOT_A_CLUSTER_BROKER}")
+    elif broker is not None and _scheme(broker) is None:
         errors.append(f"{PREFIX}BROKER_URL must be a URL such as redis://HOST:PORT/DB")
+    elif broker is None and settings.redis_cluster:
+        errors.append(
+            f"{PREFIX}BROKER_URL must be set when {PREFIX}REDIS_URL is a Redis Cluster: "
+            f"{NOT_A_CLUSTER_BROKER}"
+        )
     return errors
+
+
+def _is_cluster(url: str) -> bool:
+    # Not urlsplit: a list of nodes with an IPv6 address in brackets is no URL it accepts.
+    return url.partition("://")[0].lower() in REDIS_CLUSTER_SCHEMES
+
+
+def _redis_url_errors(url: str) -> list[str]:
+    if _is_cluster(url):
+        try:
+            cluster_url(url)
+        except ValueError as exc:
+            return [f"{PREFIX}REDIS_URL: {exc}"]
+        return []
+    if _scheme(url) not in REDIS_SCHEMES:
+        return [
+            f"{PREFIX}REDIS_URL must be redis://HOST:PORT/DB (or rediss://, unix://; "
+            f"{REDIS_CLUSTER_URL} for a Redis Cluster)"
+        ]
+    return []
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterURL:
+    """A Redis Cluster URL taken apart: ``url`` is its first seed node as the plain URL
+    redis-py reads (credentials, TLS and query options go with it), ``more_nodes`` the
+    other seed nodes. Any one seed node that answers is enough: the client learns the rest
+    of the cluster from it (``CLUSTER SLOTS``)."""
+
+    url: str
+    more_nodes: tuple[tuple[str, int], ...]
+
+
+_NODE = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]/@,]+)(?::(?P<port>[0-9]{1,5}))?")
+
+
+def cluster_url(url: str) -> ClusterURL:
+    """Parse ``redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...][/0][?OPTIONS]``
+    (``rediss+cluster://`` for TLS; a port defaults to 6379). A :class:`ValueError` says
+    what is wrong without quoting the URL, which may hold a password."""
+    scheme, _, rest = url.partition("://")
+    plain = REDIS_CLUSTER_SCHEMES.get(scheme.lower())
+    if plain is None:
+        raise ValueError(f"not a Redis Cluster URL; use {REDIS_CLUSTER_URL}")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    nodes = []
+    for node in hosts.split(","):
+        found = _NODE.fullmatch(node)
+        port = int(found["port"] or 6379) if found else 0
+        if found is None or not 0 < port < 65536:
+            raise ValueError(f"name the cluster's nodes as {REDIS_CLUSTER_URL}")
+        nodes.append((found["host"], port))
+    path = tail.partition("?")[0]
+    if path not in ("", "/", "/0") or "#" in tail:
+        raise ValueError("a Redis Cluster has database 0 only: end the URL with /0 or nothing")
+    (host, port), *more = nodes
+    first = f"{plain}://{userinfo}{at}{host}:{port}{tail}"
+    return ClusterURL(first, tuple((h.strip("[]"), p) for h, p in more))

@@ -29,7 +29,7 @@ import re2
 
 from storage.errors import ValidationError
 from storage.subscriptions import MAX_ROOM_CHARS, name_errors, subscription_errors
-from storage.vocabulary import Event, TargetKind, is_one_of
+from storage.vocabulary import HISTORY_EVENTS, Event, TargetKind, is_one_of
 from tasks.client_inputs import (
     FROM_MAX_CHARS,
     MESSAGE_MAX_CHARS,
@@ -96,6 +96,9 @@ def spec_errors(spec: SubscriptionSpec) -> list[str]:
     errors += subscription_errors(
         spec.event, spec.room, spec.target_kind, spec.target, spec.backfill
     )
+    if spec.include_own and is_one_of(Event, spec.event) and spec.event not in HISTORY_EVENTS:
+        events = ", ".join(sorted(HISTORY_EVENTS))
+        errors.append(f"include_own applies only to room history events ({events})")
     groups: int | None = 0  # capture groups the event's `matches` will hold
     if spec.filter is not None:
         if is_one_of(Event, spec.event) and spec.event != Event.ROOM_MESSAGE:

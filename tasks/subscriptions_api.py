@@ -196,6 +196,7 @@ def update_subscription(rt: Runtime, sub_id: int, spec: SubscriptionSpec) -> Sub
             target_kind=spec.target_kind,
             target=stored_target(rt, spec.target_kind, spec.target),
             name=spec.name,
+            include_own=spec.include_own,
         )
         return SubView.of(row)
 

@@ -72,6 +72,18 @@ def _real_redis() -> redis.Redis:
     return client
 
 
+@pytest.fixture(autouse=True)
+def _metrics_stay_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command run in this process (``worker`` with Celery faked, say) starts recording
+    metrics in multiprocess mode (:func:`worker.metrics_process.start_recording`): the
+    variable and ``prometheus_client``'s choice are put back after each test."""
+    from prometheus_client import values
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    monkeypatch.setattr(values, "ValueClass", values.ValueClass)
+
+
 @pytest.fixture
 def key_prefix() -> str:
     return f"hp-test-{uuid.uuid4().hex[:12]}"

@@ -8,6 +8,7 @@
 * :class:`Service`: one ``hipchat-poller worker|beat`` subprocess with its log file, stopped
   with SIGTERM and killed (its own process group only) if it does not stop in time.
 * :func:`max_calls_in_window`: the largest number of calls in any sliding window.
+* :func:`hipchat_poller`: one ``hipchat-poller`` command, as a user types it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -348,6 +350,21 @@ class RedisMonitor:
 
 
 # -- processes ------------------------------------------------------------------------------
+HIPCHAT_POLLER = str(Path(sys.executable).parent / "hipchat-poller")
+
+
+def hipchat_poller(
+    args: Iterable[str], *, env: dict[str, str], cwd: Path, stdin: str | None = None
+) -> str:
+    """Run ``hipchat-poller ARGS``; its output, or an assertion error showing it."""
+    argv = [HIPCHAT_POLLER, *args]
+    done = subprocess.run(
+        argv, input=stdin, env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"{argv[1:]} exited {done.returncode}:\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
 @dataclass
 class Service:
     """One long-running ``hipchat-poller`` subprocess writing to its own log file."""
@@ -360,9 +377,11 @@ class Service:
     proc: subprocess.Popen[bytes] | None = None
     returncode: int | None = None
     _log: Any = field(default=None, repr=False)
+    _terminated: bool = field(default=False, repr=False)
 
     def start(self) -> Service:
         self._log = self.log_path.open("ab")
+        self._terminated = False
         self.proc = subprocess.Popen(
             self.argv,
             env=self.env,
@@ -381,8 +400,10 @@ class Service:
         return self.proc is not None and self.proc.poll() is None
 
     def terminate(self) -> None:
-        """Ask it to stop (SIGTERM) without waiting: several services stop in parallel."""
-        if self.proc is not None and self.proc.poll() is None:
+        """Ask it to stop (SIGTERM) without waiting: several services stop in parallel. Sent
+        once: a second SIGTERM during Celery's warm shutdown makes it wait for the timeout."""
+        if self.proc is not None and self.proc.poll() is None and not self._terminated:
+            self._terminated = True
             self.proc.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 20.0) -> int | None:

@@ -147,6 +147,7 @@ class Pipeline:
         filter: str | None = None,
         backfill: int = 0,
         name: str | None = None,
+        include_own: bool = False,
     ) -> SubView:
         spec = SubscriptionSpec(
             connection=CONN,
@@ -157,6 +158,7 @@ class Pipeline:
             filter=filter,
             backfill=backfill,
             name=name,
+            include_own=include_own,
         )
         return create_subscriptions(self.rt, [spec])[0]
 

@@ -12,6 +12,8 @@ clean::
 The server is a subprocess in its own process group, started without persistence
 (``--save "" --appendonly no``) unless ``appendonly=True``, with which
 ``restart(empty=False)`` comes back with the data. Its log is ``<directory>/redis.log``.
+``options`` are more ``redis-server`` arguments (``tests/redis_cluster.py`` makes cluster
+nodes with them); with ``password`` the server requires it and every client sends it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -50,13 +53,21 @@ class RedisServer:
     """
 
     def __init__(
-        self, directory: Path, *, appendonly: bool = False, executable: str = "redis-server"
+        self,
+        directory: Path,
+        *,
+        appendonly: bool = False,
+        executable: str = "redis-server",
+        options: Sequence[str] = (),
+        password: str | None = None,
     ) -> None:
         self.directory = directory
         self.data_dir = directory / "data"
         self.log_path = directory / "redis.log"
         self.appendonly = appendonly
         self.executable = executable
+        self.options = list(options)
+        self.password = password
         self.host = HOST
         self.port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -66,7 +77,8 @@ class RedisServer:
         """``redis://127.0.0.1:<port>/0``."""
         if self.port is None:
             raise RuntimeError("the server has not been started")
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def client(self, **options: Any) -> redis.Redis:
         """A new client of database 0; the caller closes it. It survives restarts."""
@@ -136,6 +148,8 @@ class RedisServer:
             "--appendonly", "yes" if self.appendonly else "no",
             "--dir", str(self.data_dir),
             "--daemonize", "no",
+            *(["--requirepass", self.password] if self.password else []),
+            *self.options,
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             return subprocess.Popen(
@@ -162,7 +176,13 @@ class RedisServer:
         return proc.poll() is None
 
     def _answers(self, port: int) -> bool:
-        client = redis.Redis(host=self.host, port=port, socket_connect_timeout=1, socket_timeout=1)
+        client = redis.Redis(
+            host=self.host,
+            port=port,
+            password=self.password,
+            socket_connect_timeout=1,
+            socket_timeout=1,
+        )
         try:
             return bool(client.ping())
         except redis.RedisError:  # not listening yet, or still loading its data

@@ -280,15 +280,39 @@ def test_a_due_reservation_is_granted_without_taking_again(
     held = b.reserve(CONN)
     assert (held.status, held.wait) == (Status.RESERVED, 62.0)
     clock.now = start + 61.0
-    assert b.reserve(CONN, held=held.reservation).status is Status.RESERVED  # too early: anew
-    second = b.reserve(CONN, held=held.reservation)
+    early = b.reserve(CONN, held=held.reservation)  # too early: the same one, 1 s to go
+    assert (early.status, early.wait, early.reservation) == (
+        Status.RESERVED, 1.0, held.reservation,
+    )  # fmt: skip
+    assert b.usage(CONN).reserved == 1  # nothing new was reserved
+    b.reserve(CONN)
     clock.now = start + 62.5
     assert b.reserve(CONN, held=held.reservation) == GRANTED  # due, within tolerance
-    assert b.usage(CONN).reserved == 2  # the two made at 61 s still wait
-    clock.now = start + second.wait + 61.0 + 1.5  # too late for the second: it takes anew
-    late = b.reserve(CONN, held=second.reservation)
-    assert late.status is Status.RESERVED
-    assert late.reservation != second.reservation
+    assert b.usage(CONN).reserved == 1  # the one made at 61 s still waits
+
+
+def test_a_late_reservation_gives_its_slot_back_and_queues_again(
+    frozen: tuple[Backend, FrozenClock],
+) -> None:
+    """A busy worker came back after the tolerance: its slot passed unused, so it stands for
+    no call. It leaves the log (nothing is wasted) and the caller is served like a newcomer."""
+    backend, clock = frozen
+    b = backend.make(capacity=1, window=60.0, margin=2.0)
+    start = clock.now
+    assert b.take(CONN) == GRANTED
+    held = b.reserve(CONN)  # at start + 62
+    clock.now = start + 70.0  # 8 s late: the window has room now
+    assert b.reserve(CONN, held=held.reservation) == GRANTED
+    assert (b.usage(CONN).used, b.usage(CONN).reserved) == (1, 0)  # only the call at 70 s
+    later = b.reserve(CONN)
+    assert later.wait == pytest.approx(62.0)  # 70 s + the window, as if 62 s was never taken
+    clock.now = start + 132.0 + 5.0  # late again, with another caller queued behind it
+    queued = b.reserve(CONN)
+    retried = b.reserve(CONN, held=later.reservation)
+    assert retried.status is Status.RESERVED
+    assert retried.reservation != queued.reservation
+    assert retried.wait > queued.wait  # behind the caller that came on time
+    assert b.usage(CONN).reserved == 2  # the late slot went back: no phantom call
 
 
 def test_reservations_never_go_past_the_horizon(frozen: tuple[Backend, FrozenClock]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from sqlalchemy.event import listen, remove
 from emulator import EmulatorServer
 from storage.db import Database, head_revision
 from storage.vocabulary import OutboxState
+from tasks.poll import poll_connection
 from tests.cli_support import ENV_PREFIX, ROOT, TOKEN, Cli, runtime, stored
 from tests.storage_support import opened, postgres_schema
 from worker import cli_run, schema_check
@@ -112,6 +114,25 @@ def test_connection_token_options_are_exclusive(cli: Cli, server: EmulatorServer
     )
     assert code == 2
     assert "not allowed with argument" in err
+
+
+def test_connection_list_shows_a_failing_room_with_its_error_and_since_when(
+    cli: Cli, ops: EmulatorServer
+) -> None:
+    assert cli("subscribe", "ops", "--event", "room_message", "--room", "Factor", "--log")[0] == 0
+    room = int(ops.state.get_room("Factor")["id"])
+    rt = runtime()
+    poll_connection(rt, 1)  # primes
+    ops.state.inject_fault("status", status=500, path_prefix=f"/v2/room/{room}/history")
+    assert poll_connection(rt, 1).failing
+    rt.close()  # the health record is written
+    lines = cli("connection", "list")[1].splitlines()
+    assert "failing; room" in lines[0]
+    assert re.fullmatch(
+        rf"      room {room} failing since 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC, 1 attempts: "
+        rf"ServerError: GET /v2/room/{room}/history/latest: HTTP 500: Internal Server Error",
+        lines[1],
+    ), lines
 
 
 def test_connection_list_pause_resume_remove(cli: Cli, ops: EmulatorServer) -> None:
@@ -368,6 +389,31 @@ def test_post_and_notify(cli: Cli, ops: EmulatorServer) -> None:
     assert notified == {"sent": True, "color": "random", "message_format": "html", "notify": True}
     assert notification["color"] in {"yellow", "green", "red", "purple", "gray"}
     assert notification["from"] == "CI"
+
+
+def test_an_action_waits_for_a_spent_budget_and_says_so(
+    cli: Cli, ops: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting is not failure: with the budget spent, ``post`` waits for its call (up to
+    ``--wait``); ``--wait 0`` fails at once, and a wait it will not make reserves nothing."""
+    for name, value in (("CAPACITY", "1"), ("WINDOW_SECONDS", "1"), ("MARGIN_SECONDS", "0")):
+        monkeypatch.setenv(f"HIPCHAT_POLLER_BUCKET_{name}", value)
+    assert cli("post", "ops", "Factor", "first")[0] == 0  # may wait for the fixture's call
+    code, _, err = cli("post", "ops", "Factor", "refused", "--wait", "0")
+    assert code == 1
+    assert "has used its HipChat call budget" in err
+    assert "retry in" in err
+    code, _, err = cli("post", "ops", "Factor", "refused", "--wait", "0.01")
+    assert code == 1
+    assert "retry in" in err
+    assert runtime().budget.usage(1).reserved == 0  # a wait it would not make reserved nothing
+    code, _, err = cli("post", "ops", "Factor", "waited", "--wait", "5")
+    assert code == 0, err
+    assert err.startswith("the budget is spent: waiting ")
+    assert [m["message"] for m in ops.state.history("Factor")] == ["first", "waited"]
+    code, _, err = cli("post", "ops", "Factor", "x", "--wait", "soon")
+    assert code == 2
+    assert "'soon' is not a number of seconds in 0..3600" in err
 
 
 def test_add_member(cli: Cli, ops: EmulatorServer) -> None:

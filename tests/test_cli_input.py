@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from emulator import EmulatorServer
 from tests.cli_support import ENV_PREFIX, ROOT, TOKEN, Cli, stored
+from tests.redis_server import RedisServer
 from worker import cli_run
+from worker.preflight import persistence_warning
 
 BIN = Path(sys.executable).parent
 
@@ -146,7 +149,7 @@ def test_worker_and_beat_get_the_log_level_setting(
     monkeypatch.setenv(ENV_PREFIX + "LOG_LEVEL", "WARNING")
     monkeypatch.setenv(ENV_PREFIX + "REDIS_URL", "redis://127.0.0.1:1/0")
     calls: list[list[str]] = []
-    monkeypatch.setattr(cli_run, "services_ready", lambda settings, upgrade=False: None)
+    monkeypatch.setattr(cli_run, "services_ready", lambda settings, upgrade=False: [])
     monkeypatch.setattr(cli_run, "_celery", lambda command, options: calls.append(options) or 0)
     assert cli(*argv)[0] == 0
     [options] = calls
@@ -154,6 +157,78 @@ def test_worker_and_beat_get_the_log_level_setting(
         assert options == ["--loglevel", "DEBUG"]
     else:
         assert options[-2:] == ["--loglevel", level]
+
+
+def test_workers_get_distinct_node_names_unless_one_is_given(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery's default ``celery@HOST`` is one name for every worker of a host: Flower would
+    show two workers as one."""
+    started: list[list[str]] = []
+
+    class FakeCelery:
+        @staticmethod
+        def main(args: list[str], **_: Any) -> None:
+            started.append(args)
+            raise SystemExit(0)
+
+    monkeypatch.setenv(ENV_PREFIX + "REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setattr(cli_run, "services_ready", lambda settings, upgrade=False: [])
+    monkeypatch.setattr("celery.bin.celery.celery", FakeCelery)
+    assert cli("worker")[0] == 0
+    assert cli("worker", "-n", "mine@%h")[0] == 0
+    assert cli("worker", "--hostname=other@%h")[0] == 0
+    names = [args[args.index("-n") + 1] if "-n" in args else None for args in started]
+    assert names == [f"hipchat-{os.getpid()}@%h", "mine@%h", None]
+    assert "--hostname=other@%h" in started[2]
+
+
+@pytest.mark.parametrize(
+    "options", [["-P", "gevent"], ["-Peventlet"], ["--pool", "gevent"], ["--pool=eventlet"]]
+)
+def test_green_thread_pools_are_refused_with_a_reason(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, options: list[str]
+) -> None:
+    started: list[list[str]] = []
+    monkeypatch.setattr(cli_run, "_celery", lambda command, opts: started.append(opts) or 0)
+    code, out, err = cli("worker", "--concurrency", "4", *options)
+    assert (code, out, started) == (2, "", [])
+    assert err.startswith("error: `-P ")
+    assert "use `-P threads --concurrency N`" in err
+
+
+def test_start_up_warnings_are_printed_and_do_not_stop_the_worker(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_PREFIX + "REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setattr(
+        cli_run, "services_ready", lambda settings, upgrade=False: ["Redis has no persistence"]
+    )
+    monkeypatch.setattr(cli_run, "_celery", lambda command, options: 0)
+    assert cli("worker") == (0, "", "warning: Redis has no persistence\n")
+
+
+def test_redis_without_persistence_is_warned_about(redis_server: RedisServer) -> None:
+    client = redis_server.client(decode_responses=True)
+    client.config_set("appendonly", "no")
+    client.config_set("save", "")
+    warning = persistence_warning(client)
+    assert warning is not None
+    assert warning.startswith("Redis has no persistence")
+    assert "--appendonly yes" in warning
+    client.config_set("save", "3600 1")
+    assert persistence_warning(client) is None  # snapshots are persistence
+    client.config_set("save", "")
+    client.config_set("appendonly", "yes")
+    assert persistence_warning(client) is None
+
+
+def test_a_redis_that_refuses_config_is_not_warned_about() -> None:
+    class ManagedRedis(redis.Redis):
+        def config_get(self, *args: Any, **kwargs: Any) -> Any:
+            raise redis.ResponseError("unknown command 'CONFIG'")
+
+    assert persistence_warning(ManagedRedis(host="127.0.0.1", port=1)) is None
 
 
 # -- services that are not there at start ---------------------------------------------------------
@@ -206,22 +281,26 @@ def test_run_worker_and_beat_stop_at_once_when_a_service_is_not_there(
 # -- the emulator ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("command", ["emulator", "metrics"])
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])
-def test_the_emulator_refuses_a_port_out_of_range(cli: Cli, port: str) -> None:
-    code, out, err = cli("emulator", "--port", port)
+def test_the_emulator_and_metrics_refuse_a_port_out_of_range(
+    cli: Cli, command: str, port: str
+) -> None:
+    code, out, err = cli(command, "--port", port)
     assert (code, out) == (2, "")
     assert err == (
         f"error: argument --port: a port is a number within 0..65535, not {port!r} "
-        "(see `hipchat-poller emulator --help`)\n"
+        f"(see `hipchat-poller {command} --help`)\n"
     )
 
 
-def test_the_emulator_refuses_a_busy_port(cli: Cli) -> None:
+@pytest.mark.parametrize("command", ["emulator", "metrics"])
+def test_the_emulator_and_metrics_refuse_a_busy_port(cli: Cli, command: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert cli("emulator", "--port", str(port)) == (
+        assert cli(command, "--port", str(port)) == (
             2,
             "",
             f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n",

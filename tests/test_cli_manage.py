@@ -248,6 +248,27 @@ def test_a_bad_update_changes_nothing(
     assert (after.filter, after.name, after.target) == (before.filter, before.name, before.target)
 
 
+def test_include_own_is_set_kept_and_cleared(cli: Cli, ping: int) -> None:
+    assert _row(1).include_own is False
+    assert cli("subscription", "update", "1", "--include-own")[0] == 0
+    assert _row(1).include_own is True
+    assert cli("subscription", "update", "1", "--color", "red")[0] == 0  # other changes keep it
+    assert _row(1).include_own is True
+    assert cli.json("subscriptions", "--json")[0]["include_own"] is True
+    assert cli("subscription", "update", "1", "--no-include-own")[0] == 0
+    assert _row(1).include_own is False
+    assert _place(ping) == ("m-42", T0)
+    code, out, err = cli(
+        "subscribe", "ops", "--event", "room_notification", "--room", "Factor", "--log",
+        "--include-own",
+    )  # fmt: skip
+    assert code == 0, err
+    assert _row(3).include_own is True
+    code, out, err = cli("subscribe", "ops", "--event", "room_created", "--log", "--include-own")
+    assert (code, out) == (2, "")
+    assert "include_own applies only to room history events" in err
+
+
 def test_update_of_an_unknown_subscription_exits_2(cli: Cli, ops: EmulatorServer) -> None:
     assert cli("subscription", "update", "9", "--log") == (2, "", "error: no subscription 9\n")
 

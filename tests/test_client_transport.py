@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -36,7 +37,7 @@ from storage.errors import (
     ValidationError,
 )
 from tasks.client import HipChatClient
-from tasks.client_http import new_session
+from tasks.client_http import environment_settings, new_session
 from tasks.hipchat_types import RateLimitInfo
 from tests.hipchat_admin import AdminClient
 
@@ -190,6 +191,43 @@ def test_default_session_pools_and_never_retries() -> None:
         assert adapter._pool_maxsize >= 10  # type: ignore[attr-defined]
         assert adapter.max_retries.total == 0
     session.close()
+
+
+def test_the_environment_is_read_once_per_origin_and_netrc_never_replaces_the_token(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Proxies and the CA bundle come from the environment as ``requests`` would take them,
+    but read once per origin (not on each call), and a ``~/.netrc`` entry for the host can
+    not replace the Bearer token."""
+    (tmp_path / ".netrc").write_text("machine hipchat.example login someone password other\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.example")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/our-ca.pem")
+    environment_settings.cache_clear()
+    try:
+        transport = FakeTransport(reply(room(5)))
+        seen: list[dict[str, Any]] = []
+        send = transport.send
+
+        def recording(request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+            seen.append(kwargs)
+            return send(request, **kwargs)
+
+        transport.send = recording  # type: ignore[method-assign]
+        session = new_session()
+        session.mount("https://", transport)
+        for base in (BASE, "https://internal.example"):
+            AdminClient(base, TOKEN, session=session).get_room(5)
+        AdminClient(BASE, TOKEN, session=session).get_room(5)
+        assert [kw["proxies"].get("https") for kw in seen] == [
+            "http://proxy.example:3128", None, "http://proxy.example:3128",
+        ]  # fmt: skip
+        assert {kw["verify"] for kw in seen} == {"/etc/ssl/our-ca.pem"}
+        assert all(r.headers["Authorization"] == f"Bearer {TOKEN}" for r in transport.requests)
+        assert environment_settings.cache_info().hits == 1  # the third call read nothing
+    finally:
+        environment_settings.cache_clear()
 
 
 def test_close_closes_only_an_owned_session() -> None:

@@ -5,7 +5,11 @@ hipchat-poller[flower] needs (``.ci/constraints.py`` generates it)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 from types import ModuleType
@@ -94,3 +98,84 @@ def test_the_pins_satisfy_pyprojects_lower_bounds() -> None:
         requirement = Requirement(text)
         version = pinned[canonicalize_name(requirement.name)]
         assert requirement.specifier.contains(version, prereleases=True), (text, version)
+
+
+def test_long_running_services_restart_and_have_healthchecks() -> None:
+    services = compose()["services"]
+    for name in ("redis", "postgres", "worker", "beat", "flower", "metrics", "prometheus"):
+        assert services[name].get("restart") == "unless-stopped", name
+        assert services[name].get("healthcheck"), name
+    assert services["migrate"].get("restart") is None  # a one-shot: it must not loop
+    redis_command = services["redis"]["command"]
+    assert isinstance(redis_command, list)
+    assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
+    worker = services["worker"]
+    command = worker["command"]
+    assert isinstance(command, list)
+    name = command[command.index("-n") + 1]
+    assert name == "worker@%h"
+    checks = worker["healthcheck"]
+    assert isinstance(checks, dict)
+    assert "-d worker@$$HOSTNAME" in checks["test"][1]  # the name above, on this container
+
+
+ANY_INTERFACE = "0.0.0.0"  # noqa: S104 (a container's port is published or scraped)
+
+
+def option(command: object, name: str) -> str:
+    assert isinstance(command, list), command
+    return str(command[command.index(name) + 1])
+
+
+def test_prometheus_scrapes_every_process_that_serves_metrics() -> None:
+    """deploy/prometheus.yml's targets are the compose services that serve, on their ports,
+    on every interface; the prometheus service reads that very file."""
+    services = compose()["services"]
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    targets: dict[str, int] = {}
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.split(":")
+                targets[host] = int(port)
+        for dns in job.get("dns_sd_configs", []):
+            for host in dns["names"]:
+                targets[host] = int(dns["port"])
+    assert set(targets) == {"metrics", "worker", "beat"}
+    store = services["metrics"]["command"]
+    assert option(store, "--port") == str(targets["metrics"])
+    assert option(store, "--host") == ANY_INTERFACE
+    for name in ("worker", "beat"):
+        command = services[name]["command"]
+        assert option(command, "--metrics-port") == str(targets[name]), name
+        assert option(command, "--metrics-host") == ANY_INTERFACE, name
+    command, volumes = services["prometheus"]["command"], services["prometheus"]["volumes"]
+    assert isinstance(command, list)
+    assert isinstance(volumes, list)
+    flags = dict(str(a).split("=", 1) for a in command)
+    mounted = {str(v).split(":")[1]: str(v).split(":")[0] for v in volumes}
+    assert mounted[flags["--config.file"]] == "./deploy/prometheus.yml"
+
+
+def test_beats_healthcheck_fails_on_a_stale_or_missing_heartbeat(tmp_path: Path) -> None:
+    services = compose()["services"]
+    beat = services["beat"]
+    environment = beat["environment"]
+    assert isinstance(environment, dict)
+    path = environment["HIPCHAT_POLLER_BEAT_HEARTBEAT_FILE"]
+    checks = beat["healthcheck"]
+    assert isinstance(checks, dict)
+    kind, program, *args = checks["test"]
+    assert (kind, program) == ("CMD", "python")
+    heartbeat = tmp_path / "beat.alive"
+    argv = [sys.executable, *(a.replace(path, str(heartbeat)) for a in args)]
+
+    def check() -> int:
+        return subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode
+
+    assert check() == 1  # no file yet
+    heartbeat.touch()
+    assert check() == 0
+    stale = time.time() - 61
+    os.utime(heartbeat, (stale, stale))
+    assert check() == 1

@@ -23,10 +23,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -126,8 +128,10 @@ class E2E:
             self.redis.host, self.redis.port, 0, self.tmp / "redis-monitor.log"
         ).start()
         workers = [
-            # Worker b logs at DEBUG, which shows the arguments of every task it runs.
-            ("worker-a", ["--concurrency", "2", "--loglevel", "INFO"]),
+            # Worker a runs the thread pool, worker b the default prefork pool: every test
+            # runs on both. Worker b logs at DEBUG, which shows the arguments of every task;
+            # worker a serves its own metrics (test_metrics_move_during_real_polls).
+            ("worker-a", ["-P", "threads", "--concurrency", "4", "--metrics-port", "0"]),
             ("worker-b", ["--concurrency", "2", "--loglevel", "DEBUG"]),
         ]
         for name, options in workers:
@@ -419,7 +423,9 @@ def case(stack: E2E) -> Iterator[Case]:
 def test_docker_compose_services_run_commands_that_exist(e2e_env: E2E) -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"redis", "postgres", "migrate", "worker", "beat", "flower"}
+    assert set(services) == {
+        "redis", "postgres", "migrate", "worker", "beat", "flower", "metrics", "prometheus",
+    }  # fmt: skip
     dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
     entrypoint = json.loads(
         next(line for line in dockerfile if line.startswith("ENTRYPOINT")).split(None, 1)[1]
@@ -430,7 +436,7 @@ def test_docker_compose_services_run_commands_that_exist(e2e_env: E2E) -> None:
     fields = {f"HIPCHAT_POLLER_{name.upper()}" for name in Settings.__dataclass_fields__}
     running: dict[str, tuple[list[str], subprocess.Popen[str]]] = {}
     for name, service in services.items():
-        if "build" not in service:  # redis, postgres: upstream images
+        if "build" not in service:  # redis, postgres, prometheus: upstream images
             continue
         env = service.get("environment") or {}
         unknown = {k for k in env if k.startswith("HIPCHAT_POLLER_")} - fields
@@ -454,7 +460,7 @@ def test_docker_compose_services_run_commands_that_exist(e2e_env: E2E) -> None:
         assert proc.returncode == 0, f"{name}: {argv} --help exited {proc.returncode}:\n{out}"
         assert "usage" in out.lower(), f"{name}: {argv} --help:\n{out}"
         checked.append(name)
-    assert sorted(checked) == ["beat", "flower", "migrate", "worker"]
+    assert sorted(checked) == ["beat", "flower", "metrics", "migrate", "worker"]
     assert "migrate" in services["worker"]["depends_on"]
     assert services["worker"]["depends_on"]["migrate"]["condition"] == (
         "service_completed_successfully"
@@ -805,6 +811,84 @@ def test_a_second_beat_does_not_poll_twice_per_interval(case: Case) -> None:
     got = case.deliveries()
     assert sorted(d.json["message"] for d in got) == [f"two beats {i}" for i in range(3)]
     assert len({d.idempotency_key for d in got}) == 3
+
+
+# -- metrics ----------------------------------------------------------------------------------
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+def scrape(url: str) -> tuple[str, Samples]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    found = [
+        (s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples
+    ]
+    return text, found
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over every process (and any other label) of ``name`` with ``labels``."""
+    return sum(v for n, got, v in samples if n == name and labels.items() <= got.items())
+
+
+def test_metrics_move_during_real_polls(case: Case) -> None:
+    """``hipchat-poller metrics`` beside the two workers and beat: two scrapes over HTTP while
+    real polls run; the counters of every process move, the stores' gauges are there, and no
+    secret is in the scrape."""
+    stack = case.stack
+    server = stack.start_service("metrics", ["metrics", "--port", "0"])
+    url = wait_for(
+        lambda: (found := re.search(r"serving metrics at (\S+)", server.log_text())) and found[1],
+        TIMEOUT,
+        "the metrics server",
+        describe=lambda: server.log_text(),
+    )
+    case.subscribe("--webhook", case.url)
+    case.wait_primed()
+    _, first = scrape(url)
+    case.say("count me")
+    wait_for(case.deliveries, TIMEOUT, "the webhook delivery", describe=stack.describe)
+
+    counters = (
+        ("hipchat_poller_polls_total", {"outcome": "ok"}),
+        ("hipchat_poller_hipchat_calls_total", {"status": "200"}),
+        ("hipchat_poller_deliveries_total", {"outcome": "delivered", "target_kind": "webhook"}),
+        ("hipchat_poller_detection_lag_seconds_count", {}),
+        ("hipchat_poller_poll_duration_seconds_count", {}),
+        ("hipchat_poller_beat_polls_sent_total", {}),
+    )
+
+    def moved() -> tuple[str, Samples] | None:
+        text, now = scrape(url)
+        grew = all(total(now, n, **labels) > total(first, n, **labels) for n, labels in counters)
+        return (text, now) if grew else None
+
+    text, second = wait_for(
+        moved, TIMEOUT, "every counter to move", describe=lambda: scrape(url)[0][-3000:]
+    )
+    processes = {labels.get("process", "") for _, labels, _ in second}
+    assert {p.split("-")[0] for p in processes if p} == {"worker", "beat"}, processes
+    assert len([p for p in processes if p.startswith("worker-")]) == 2, processes
+    conn = str(case.conn.id)
+    assert total(second, "hipchat_poller_store_up") == 2  # the database and the budgets
+    assert total(second, "hipchat_poller_connections", state="active") >= 1
+    assert any(
+        n == "hipchat_poller_budget_used_calls" and labels == {"connection": conn}
+        for n, labels, _ in second
+    )
+    for secret in stack.secrets:
+        assert secret not in text, f"a secret ({secret[:6]}...) is in the scrape"
+
+    # Worker a serves its own processes' counts (--metrics-port), and only those.
+    worker_a = next(s for s in stack.services if s.name == "worker-a")
+    own = re.search(r"serving this worker's metrics at (\S+)", worker_a.log_text())
+    assert own is not None, tail(worker_a.log_text())
+    assert worker_a.proc is not None
+    _, mine = scrape(own[1])  # empty until its pool has polled or delivered once
+    assert {labels.get("process") for _, labels, _ in mine} <= {f"worker-{worker_a.proc.pid}"}
+    assert not any(n.startswith("hipchat_poller_store_") for n, _, _ in mine)
 
 
 def test_secrets_never_reach_logs_broker_messages_or_events(case: Case) -> None:

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 from celery import Celery
 from cryptography.fernet import Fernet
 
@@ -48,6 +50,7 @@ from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.timeout(240)]
 
+ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HIPCHAT_POLLER = str(BIN / "hipchat-poller")
 CELERY = str(BIN / "celery")
@@ -235,6 +238,23 @@ def _succeeded(
     ]
 
 
+def healthcheck(
+    stack: Stack, service: str, *, hostname: str = "", heartbeat: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a service's healthcheck from docker-compose.yml here: ``worker@$$HOSTNAME`` is
+    ``hostname``, ``/tmp/beat.alive`` is ``heartbeat``, ``celery`` is this venv's."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    kind, *test = compose["services"][service]["healthcheck"]["test"]
+    if kind == "CMD-SHELL":
+        (line,) = test
+        test = shlex.split(line.replace("worker@$$HOSTNAME", hostname))
+    argv = [str(a).replace("/tmp/beat.alive", str(heartbeat)) for a in test]
+    argv[0] = {"celery": CELERY, "python": sys.executable}.get(argv[0], argv[0])
+    return subprocess.run(
+        argv, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
 def test_flower_shows_polls_deliveries_and_actions_but_never_a_secret(stack: Stack) -> None:
     from tasks.runtime import Runtime
     from tasks.settings import Settings
@@ -256,7 +276,12 @@ def test_flower_shows_polls_deliveries_and_actions_but_never_a_secret(stack: Sta
     worker_name = f"flower-w-{stack.run_id}"
     worker_options = ["--concurrency", "2", "--loglevel", "INFO"]
     stack.service("worker", [HIPCHAT_POLLER, "worker", "-n", f"{worker_name}@%h", *worker_options])
-    stack.service("beat", [HIPCHAT_POLLER, "beat", "--loglevel", "INFO"])
+    heartbeat = stack.tmp / "beat.alive"
+    stack.service(
+        "beat",
+        [HIPCHAT_POLLER, "beat", "--loglevel", "INFO"],
+        env=stack.env | {"HIPCHAT_POLLER_BEAT_HEARTBEAT_FILE": str(heartbeat)},
+    )
 
     # Configured as an operator does, while the processes start.
     conn_name = f"ops-{stack.run_id}"
@@ -316,6 +341,13 @@ def test_flower_shows_polls_deliveries_and_actions_but_never_a_secret(stack: Sta
 
         workers = wait_for(inspected, START_TIMEOUT, "Flower's inspection of the worker")
         assert ACTION_TASK in workers[hostname]["registered"]
+
+        # The compose healthchecks, run as compose runs them: the worker's ping to its own
+        # node name answers (and one to a node that is not there fails); beat's heartbeat.
+        assert healthcheck(stack, "worker", hostname=hostname).returncode == 0
+        assert healthcheck(stack, "worker", hostname="nobody@nowhere").returncode != 0
+        wait_for(heartbeat.exists, START_TIMEOUT, "beat's heartbeat file")
+        assert healthcheck(stack, "beat", heartbeat=heartbeat).returncode == 0
 
         # 2. Primed, then the room speaks: the reply answers the ping, the webhook gets all.
         wait_for(

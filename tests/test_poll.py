@@ -17,8 +17,10 @@ from storage import outbox
 from storage import subscriptions as subs
 from storage.errors import BucketEmpty
 from tasks import poll as poll_module
+from tasks.actions import Actions
 from tasks.poll import PollResult
 from tests.pipeline_support import (
+    CONN,
     ROOM,
     Backend,
     Pipeline,
@@ -194,6 +196,27 @@ def test_regex_filter_groups_become_matches(pipeline: Pipeline) -> None:
     payloads = p.payloads(sub.id)
     assert [x["message"] for x in payloads] == ["ping hello", "ping deploy 42"]
     assert [x["matches"] for x in payloads] == [["hello", ""], ["deploy", "42"]]
+
+
+def test_own_posts_fire_only_the_subscriptions_that_ask_for_them(pipeline: Pipeline) -> None:
+    """No reply loop: what the connection posted (a reply, a notification) fires no history
+    trigger without ``include_own``, filter or no filter; other people's posts still fire."""
+    p = pipeline
+    replies = p.subscribe("room_message")  # no filter: every message, its own replies too
+    notes = p.subscribe("room_notification")
+    mirror = p.subscribe("room_message", include_own=True)
+    mirrored_notes = p.subscribe("room_notification", include_own=True)
+    p.poll()
+    api = Actions(p.rt, CONN)
+    api.post_message(ROOM, "pong")
+    api.send_notification(ROOM, "deployed", from_="bot")
+    p.say("ping")
+    p.state.send_notification(ROOM, "build green", from_label="CI")  # another integration's
+    assert p.poll().event_count == 6
+    assert [x["message"] for x in p.payloads(replies.id)] == ["ping"]
+    assert [x["message"] for x in p.payloads(notes.id)] == ["build green"]
+    assert [x["message"] for x in p.payloads(mirror.id)] == ["pong", "ping"]
+    assert [x["message"] for x in p.payloads(mirrored_notes.id)] == ["deployed", "build green"]
 
 
 def test_a_room_given_by_id_is_named_as_hipchat_names_it(pipeline: Pipeline) -> None:

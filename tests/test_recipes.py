@@ -137,6 +137,7 @@ def stored(rt: Runtime) -> dict[str, dict[str, Any]]:
                 "target_kind": row.target_kind,
                 "target": dict(row.target),
                 "backfill": row.backfill,
+                "include_own": row.include_own,
                 "primed_at": row.primed_at,
             }
             for row in subs.list_subscriptions(s)
@@ -297,6 +298,19 @@ def test_backfill_and_webhook_secret_changes_are_updates(
     )
     assert apply(rt, path) == ["~ subscription later (backfill)"]
     assert stored(rt)["recipe:later"]["backfill"] == 20
+
+
+def test_include_own_is_an_update_in_place(rt: Runtime, tmp_path: Path, closed_url: str) -> None:
+    extra = "  - {name: mirror, connection: ops, event: room_notification, room: Factor, log: true}"
+    path = recipes_file(tmp_path, closed_url, extra=extra)
+    apply(rt, path)
+    before = stored(rt)["recipe:mirror"]
+    assert before["include_own"] is False
+    write(tmp_path, path.read_text().replace("log: true}", "log: true, include_own: true}"))
+    assert apply(rt, path) == ["~ subscription mirror (include_own)"]
+    after = stored(rt)["recipe:mirror"]
+    assert (after["id"], after["include_own"]) == (before["id"], True)
+    assert apply(rt, path) == []
 
 
 def test_room_change_recreates_so_it_primes_again(
@@ -621,6 +635,18 @@ def test_a_bad_file_reports_every_problem_with_its_line_and_changes_nothing(
             "subscriptions:\n  - {name: a, connection: ops, event: room_message, room: r,\n"
             "     backfill: true, handler: 'mod:fn'}\n",
             "4: subscription a: backfill must be a whole number, not true/false",
+        ),
+        (
+            "connections: {ops: {base_url: 'http://h', token_env: HIPCHAT_OPS_TOKEN}}\n"
+            "subscriptions:\n  - {name: a, connection: ops, event: room_message, room: r,\n"
+            "     include_own: 'yes', log: true}\n",
+            "4: subscription a: include_own must be true or false, not",
+        ),
+        (
+            "connections: {ops: {base_url: 'http://h', token_env: HIPCHAT_OPS_TOKEN}}\n"
+            "subscriptions:\n  - {name: a, connection: ops, event: room_created,\n"
+            "     include_own: true, log: true}\n",
+            "3: subscription a: include_own applies only to room history events",
         ),
     ],
 )

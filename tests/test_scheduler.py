@@ -8,6 +8,7 @@ tested in ``test_poll_schedule.py``."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,7 @@ from sqlalchemy import text, update
 from emulator.testing import ManualClock
 from storage import connections as conns
 from storage import outbox
+from storage.errors import RetryLater
 from storage.health import get_health
 from storage.models import Connection, OutboxEvent
 from tasks import celery_tasks
@@ -47,6 +49,7 @@ from worker.poll_schedule import interval_index
 from worker.scheduler import (
     BROKER_RETRY_SECONDS,
     FULL_SCAN_EVERY_SECONDS,
+    HEARTBEAT_EVERY,
     POLL_TASK,
     PURGE_TASK,
     RELAY_TASK,
@@ -388,6 +391,38 @@ def test_a_broker_error_keeps_the_slot(beat: Beat, monkeypatch: pytest.MonkeyPat
     assert late.args == [conn, interval_index(late.at, INTERVAL, beat.offset(conn))]
 
 
+def test_beat_touches_its_heartbeat_while_the_broker_takes_its_sends(
+    beat: Beat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the compose healthcheck reads: a file touched every few seconds while beat ticks
+    and the broker takes what it sends; stale when either stops."""
+    heartbeat = tmp_path / "beat.alive"
+    beat.rt.settings = replace(beat.rt.settings, beat_heartbeat_file=str(heartbeat))
+    scheduler = beat.start()
+    scheduler.tick()
+    assert heartbeat.exists()
+    os.utime(heartbeat, (0, 0))
+    beat.clock.advance(1.0)
+    scheduler.tick()  # within HEARTBEAT_EVERY of the last touch
+    assert heartbeat.stat().st_mtime == 0
+
+    def broker_down(*_args: Any, **_kwargs: Any) -> None:
+        raise ConnectionError("broker down")
+
+    recorded = beat.app.send_task
+    monkeypatch.setattr(beat.app, "send_task", broker_down)
+    beat.clock.advance(RELAY_EVERY)  # a relay is due: its send fails
+    scheduler.tick()
+    assert heartbeat.stat().st_mtime == 0
+    beat.clock.advance(HEARTBEAT_EVERY)
+    scheduler.tick()  # nothing was sent: the broker is still taken to be down
+    assert heartbeat.stat().st_mtime == 0
+    monkeypatch.setattr(beat.app, "send_task", recorded)
+    beat.clock.advance(RELAY_EVERY)  # the next relay goes out
+    scheduler.tick()
+    assert heartbeat.stat().st_mtime > 0
+
+
 @pytest.fixture(name="broker_app")
 def broker_app_fixture(
     redis_server: RedisServer, tmp_path: Path, key_prefix: str
@@ -593,6 +628,32 @@ def test_a_fast_drain_keeps_its_backoff_when_the_poll_marks_dispatch(
     assert event.attempts == 1
     assert event.next_attempt_at is not None
     assert drain(worker.rt, sub.id).delivered == 0  # still backing off
+
+
+def test_a_waiting_deliver_task_says_why(
+    pipeline: Pipeline, worker: Beat, receiver: Receiver
+) -> None:
+    """The retry carries its reason (Flower and the worker's log show it), not a bare
+    "Retry in 3s"."""
+    p = pipeline
+    sub = p.subscribe("room_message", kind="webhook", target={"url": receiver.url})
+    (event_id,) = p.add_events(sub.id, 1)
+    receiver.answer(503)
+    task = celery_tasks.deliver_task
+    task.push_request(
+        id="deliver-id", args=[sub.id], kwargs={}, retries=0, is_eager=False,
+        called_directly=False, delivery_info={},
+    )  # fmt: skip
+    try:
+        with pytest.raises(Retry) as caught:
+            task.run(sub.id)
+        with pytest.raises(Retry) as again:  # still backing off
+            task.run(sub.id)
+    finally:
+        task.pop_request()
+    assert isinstance(caught.value.exc, RetryLater)
+    assert str(caught.value.exc).startswith(f"event {event_id}: ServerError: ")
+    assert f"event {event_id} waits " in str(again.value.exc)
 
 
 def test_a_retried_poll_task_reads_only_what_the_first_attempt_missed(

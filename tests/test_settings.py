@@ -90,13 +90,56 @@ def test_supported_databases(url: str) -> None:
 
 def test_redis_and_broker_urls() -> None:
     assert problems(redis_url="http://hunter2@x") == [
-        f"{P}REDIS_URL must be redis://HOST:PORT/DB (or rediss://, unix://)"
+        f"{P}REDIS_URL must be redis://HOST:PORT/DB (or rediss://, unix://; "
+        "redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...] for a Redis Cluster)"
     ]
     assert problems(broker_url="localhost") == [
         f"{P}BROKER_URL must be a URL such as redis://HOST:PORT/DB"
     ]
     ok = Settings.from_env({P + "REDIS_URL": "rediss://h:6380/0", P + "BROKER_URL": "amqp://h"})
     assert ok.broker_url == "amqp://h"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://10.0.0.1:7000",
+        "redis+cluster://:hunter2@10.0.0.1:7000,10.0.0.2:7001,[fd00::3]:7002/0",
+        "rediss+cluster://user:hunter2@redis.example?ssl_cert_reqs=required",
+    ],
+)
+def test_a_redis_cluster_with_a_broker_of_its_own(url: str) -> None:
+    settings = Settings.from_env({P + "REDIS_URL": url, P + "BROKER_URL": "amqp://rabbit//"})
+    assert settings.redis_cluster
+    assert not settings.embedded
+    assert not Settings.from_env({P + "REDIS_URL": "redis://h:6379/0"}).redis_cluster
+
+
+def test_a_redis_cluster_cannot_be_the_broker() -> None:
+    cluster = "redis+cluster://:hunter2@10.0.0.1:7000"
+    assert problems(redis_url=cluster) == [
+        f"{P}BROKER_URL must be set when {P}REDIS_URL is a Redis Cluster: Celery's broker "
+        "cannot be a Redis Cluster: use a single Redis (redis://) or RabbitMQ (amqp://)"
+    ]
+    assert problems(redis_url=cluster, broker_url=cluster) == [
+        f"{P}BROKER_URL: Celery's broker cannot be a Redis Cluster: use a single Redis "
+        "(redis://) or RabbitMQ (amqp://)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+cluster://:hunter2@h:7000/1", "a Redis Cluster has database 0 only"),
+        ("redis+cluster://:hunter2@h:70000", "name the cluster's nodes as redis+cluster://"),
+        ("redis+cluster://:hunter2@h:7000,", "name the cluster's nodes as redis+cluster://"),
+        ("redis+cluster://:hunter2@", "name the cluster's nodes as redis+cluster://"),
+    ],
+)
+def test_a_bad_cluster_url_is_named_without_quoting_it(url: str, problem: str) -> None:
+    [found] = problems(redis_url=url, broker_url="redis://h:6379/0")
+    assert found.startswith(f"{P}REDIS_URL: {problem}")
+    assert "hunter2" not in found
 
 
 def test_the_log_level() -> None:

@@ -34,10 +34,10 @@ TABLES = {
 def test_upgrade_from_empty_then_again_is_a_no_op(empty_db: Database) -> None:
     assert empty_db.current_revision() is None
     empty_db.upgrade()
-    assert empty_db.current_revision() == head_revision() == "0004"
+    assert empty_db.current_revision() == head_revision() == "0005"
     assert set(inspect(empty_db.engine).get_table_names()) == TABLES
     empty_db.upgrade()
-    assert empty_db.current_revision() == "0004"
+    assert empty_db.current_revision() == "0005"
 
 
 def test_migrations_match_the_models(db: Database) -> None:
@@ -75,7 +75,7 @@ def test_concurrent_upgrades_both_succeed(empty_db: Database) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-    assert empty_db.current_revision() == "0004"
+    assert empty_db.current_revision() == "0005"
 
 
 def test_sqlite_upgrade_creates_the_parent_directory_and_sets_pragmas(tmp_path: Path) -> None:

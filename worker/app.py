@@ -15,9 +15,17 @@ from tasks.settings import Settings
 
 POLL_QUEUE = "hipchat.polls"
 ACTION_QUEUE = "hipchat.actions"
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
+
+# A poll is not written to the broker's disk (RabbitMQ: transient; Redis ignores it). Beat
+# sends every connection's poll again each interval and the claim in Redis keeps it from
+# running twice, so a restarted broker loses no poll that matters, while RabbitMQ confirms a
+# persistent message only once it is on disk: about 1 ms a message here, which would cap beat
+# below the 833 sends a second of 50,000 connections (docs/scaling.md, "Beyond one machine").
+TRANSIENT = 1
 
 TASK_ROUTES = {
-    "hipchat.poll_connection": {"queue": POLL_QUEUE},
+    "hipchat.poll_connection": {"queue": POLL_QUEUE, "delivery_mode": TRANSIENT},
     "hipchat.relay_outbox": {"queue": POLL_QUEUE},
     "hipchat.purge_outbox": {"queue": POLL_QUEUE},
     "hipchat.deliver": {"queue": ACTION_QUEUE},
@@ -61,15 +69,33 @@ def time_limits(settings: Settings) -> dict[str, dict[str, float]]:
 RESTORE_INTERVAL_SECONDS = 10
 
 
-def transport_options(broker: str, settings: Settings) -> dict[str, float]:
+def transport_options(broker: str, settings: Settings) -> dict[str, float | bool]:
     if broker.startswith("memory://"):
         # Polling the in-process memory broker every second would make the embedded demo lag.
         return {"polling_interval": 0.1}
+    if broker.startswith(AMQP_SCHEMES):
+        # A publish returns once RabbitMQ has taken the message, as an LPUSH does on Redis:
+        # a retry, a drain or an action sent just before the connection broke is not lost
+        # without a word. RabbitMQ has no visibility timeout: a message a worker holds
+        # (running, or waiting for its countdown) comes back when that worker's connection
+        # closes, and RabbitMQ closes a channel whose delivery stays unacknowledged longer
+        # than its consumer_timeout (30 min by default), which must therefore outlast every
+        # countdown (docs/scaling.md, "Beyond one machine").
+        return {"confirm_publish": True}
     return {
         "visibility_timeout": settings.broker_visibility_timeout_seconds,
         "unacked_restore_interval": RESTORE_INTERVAL_SECONDS,
         "unacked_restore_throttle": 1,
     }
+
+
+def result_backend_for(settings: Settings, broker: str) -> str:
+    """Where the action tasks keep their results: Redis. Celery's Redis backend cannot use
+    a Redis Cluster: then the broker's own Redis, or RabbitMQ's replies (``rpc://``, read
+    by the process that sent the task)."""
+    if settings.redis_cluster:
+        return broker if broker.startswith(("redis://", "rediss://")) else "rpc://"
+    return settings.redis_url or "cache+memory://"
 
 
 def create_app(settings: Settings) -> Celery:
@@ -89,7 +115,7 @@ def create_app(settings: Settings) -> Celery:
         accept_content=["json"],
         # Polls and deliveries keep no result; the action tasks do, for send_task callers.
         task_ignore_result=True,
-        result_backend=settings.redis_url or "cache+memory://",
+        result_backend=result_backend_for(settings, broker),
         result_expires=3600,
         # A task is acknowledged after it ran, so a worker that dies mid-task gives it back;
         # every task is idempotent (leases, outbox keys) so a redelivery is harmless.

@@ -11,6 +11,7 @@ One module per command group, each with its ``register(subparsers)``::
     cli_handlers      handlers sync
     cli_status        status (a table, --json; a healthcheck by its exit code)
     cli_admin         migrate
+    cli_metrics       metrics (Prometheus), and --metrics-port of worker, beat, run
     cli_run           run, demo, worker, beat, emulator
     cli_common        what they share: the runtime (its schema checked), JSON output
     cli_format        tables, ages and --since for people
@@ -41,6 +42,7 @@ from worker import (
     cli_connections,
     cli_events,
     cli_handlers,
+    cli_metrics,
     cli_recipes,
     cli_run,
     cli_status,
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         cli_handlers,
         cli_status,
         cli_admin,
+        cli_metrics,
         cli_run,
     ):
         group.register(sub)

@@ -1,10 +1,12 @@
 """The actions of the seeds as commands: ``users``, ``user``, ``post``, ``notify``,
-``add-member``. Each prints JSON and takes a token from the connection's bucket like every
-other HipChat call."""
+``add-member``. Each prints JSON and takes its calls from the connection's budget like every
+other HipChat call; when the workers have spent it, the command waits for its reserved calls
+(``--wait``, default one window), saying so on stderr, rather than failing."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,14 @@ def register(sub: Any) -> None:
     def action(name: str, text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=text)
         p.add_argument("connection", help="connection name")
+        p.add_argument(
+            "--wait",
+            type=_seconds,
+            default=DEFAULT_WAIT_SECONDS,
+            metavar="SECONDS",
+            help="when the budget is spent, wait up to this long for it "
+            f"(default {DEFAULT_WAIT_SECONDS:g}; 0: fail at once)",
+        )
         return p
 
     p = action("users", "list the users of a room (members if private, else participants)")
@@ -49,10 +59,29 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=lambda a: _act(a, lambda act: act.add_member(a.room, a.user)))
 
 
+# A budget window: the longest wait a budget spent by the workers can ask of a command.
+DEFAULT_WAIT_SECONDS = 60.0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in 0..3600")
+    return value
+
+
+def _waiting(seconds: float) -> None:
+    print(f"the budget is spent: waiting {seconds:.1f} s for a call", file=sys.stderr)
+
+
 def _act(args: argparse.Namespace, call: Callable[[Actions], dict[str, Any]]) -> int:
     """Run one action on the connection ``args.connection``; print its JSON result."""
     with runtime() as rt:
-        return print_json(call(Actions(rt, args.connection)))
+        actions = Actions(rt, args.connection, wait_up_to=args.wait, on_wait=_waiting)
+        return print_json(call(actions))
 
 
 def cmd_notify(args: argparse.Namespace) -> int:

@@ -31,6 +31,8 @@ from tasks.connections_api import remove_connection, start_budgets
 from tasks.runtime import Runtime
 from tasks.token_check import check_token
 from worker.cli_common import connection_id, runtime
+from worker.cli_format import one_line, stamp
+from worker.status_report import failing_rooms
 
 TOKEN_ENV = "HIPCHAT_POLLER_TOKEN"  # noqa: S105 (a variable name, not a secret)
 
@@ -164,6 +166,12 @@ def cmd_connection_list(args: argparse.Namespace) -> int:
                 f"{row.id:>4}  {row.name:<20} {row.state}{reason}  {row.base_url}  "
                 f"last poll: {last} {status}".rstrip()
             )
+            for room in failing_rooms(polled.rooms if polled else {}, {}):
+                tries = f", {room.attempts} attempts" if room.attempts else ""
+                print(
+                    f"      room {room.room_id} failing since {stamp(room.since)} UTC{tries}: "
+                    f"{one_line(room.error, 100)}"
+                )
     return 0
 
 

@@ -38,6 +38,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    port = int(text) if text.strip().isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number within 0..65535, not {text!r}")
+    return port
+
+
 def seconds_text(seconds: float) -> str:
     """``45s``, ``3m 05s``, ``2h 10m``, ``3d 04h``: the two largest units."""
     whole = round(abs(seconds))

@@ -9,6 +9,11 @@ upgrades it like ``migrate``; ``run`` with Redis, ``worker`` and ``beat`` only c
 refuse to start on an out-of-date database (:mod:`worker.schema_check`), because other
 processes of another version may be using it: upgrading is ``hipchat-poller migrate``'s job.
 
+``run``, ``worker`` and ``beat`` record metrics (:func:`worker.cli_metrics.record`, before
+the app runs anything, so before any metric exists: see :mod:`worker.metrics_process`);
+``--metrics-port P [--metrics-host H]`` serves them, taken off the options before Celery
+sees them.
+
 The log level is ``--log-level`` (or Celery's ``--loglevel``), else
 ``HIPCHAT_POLLER_LOG_LEVEL``. Settings that work but that HipChat will punish (a budget above
 its 100 calls a minute) are warned about once, at start.
@@ -18,16 +23,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
-
-from celery.bin.celery import celery
 
 from emulator.cli import main as emulator_main
 from tasks.runtime import Runtime
 from tasks.settings import Settings
 from worker.app import ACTION_QUEUE, POLL_QUEUE, create_app
 from worker.cli_format import positive_int
+from worker.cli_metrics import add_serving_options, record, take_serving_options
 from worker.demo import run_demo
 from worker.embedded import EmbeddedWorker
 from worker.preflight import services_ready
@@ -42,6 +47,7 @@ def register(sub: Any) -> None:
         help="worker and beat in one process (embedded defaults when no Redis/database URL is set)",
     )
     run.add_argument("--concurrency", type=positive_int, default=4)
+    add_serving_options(run)
     run.set_defaults(handler=cmd_run)
     demo = sub.add_parser(
         "demo",
@@ -77,7 +83,18 @@ def passthrough(argv: list[str]) -> int | None:
     options = ["--help" if a == "-h" else a for a in rest[1:]]
     if command == "emulator":
         return emulator_main(options)
+    options, port, host = take_serving_options(options)
     wants_help = any(a in HELP_FLAGS for a in options)
+    pool = _pool(options) if command == "worker" else None
+    if pool in UNSUPPORTED_POOLS:
+        print(
+            f"error: `-P {pool}` is not supported: a green-thread pool must patch the standard "
+            "library before anything else is imported, and by then this command has imported "
+            "Redis, requests and SQLAlchemy (one task's I/O would block the others); for many "
+            "slow HipChat calls use `-P threads --concurrency N`, else the default prefork pool",
+            file=sys.stderr,
+        )
+        return 2
     if not wants_help:
         settings = Settings.from_env()
         if settings.embedded:
@@ -90,12 +107,29 @@ def passthrough(argv: list[str]) -> int | None:
                 file=sys.stderr,
             )
             return 2
-        _warn(settings)
-        services_ready(settings)
+        _warn(settings.warnings())  # first: they say why what follows may fail
+        _warn(services_ready(settings))
         level = level or settings.log_level.upper()
+        record(settings, command, port, host)
     if level and not any(a.startswith(("-l", "--loglevel")) for a in options):
         options = [*options, "--loglevel", level]
     return _celery(command, options)
+
+
+# Celery's green-thread pools (its -P names and their aliases).
+UNSUPPORTED_POOLS = ("gevent", "eventlet")
+
+
+def _pool(options: list[str]) -> str | None:
+    """The pool Celery's options ask for (``-P X``, ``-PX``, ``--pool X``, ``--pool=X``)."""
+    for i, option in enumerate(options):
+        if option in ("-P", "--pool"):
+            return options[i + 1] if i + 1 < len(options) else None
+        if option.startswith("--pool="):
+            return option.partition("=")[2]
+        if option.startswith("-P") and len(option) > 2:
+            return option[2:]
+    return None
 
 
 def _global_log_level(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -111,11 +145,18 @@ def _celery(command: str, options: list[str]) -> int:
     if command == "worker":
         queues = any(a.startswith(("-Q", "--queues")) for a in options)
         extra = [] if queues else ["-Q", f"{POLL_QUEUE},{ACTION_QUEUE}"]
+        named = any(a.startswith("--hostname") or (a[:2] == "-n") for a in options)
+        # Celery's default, celery@HOST, is the same for every worker on a host: Flower and
+        # `celery inspect` would see two workers as one. The process id tells them apart.
+        extra += [] if named else ["-n", f"hipchat-{os.getpid()}@%h"]
         args = ["-A", APP, "worker", "-E", *extra, *options]
     else:
         args = ["-A", APP, "beat", *options]
     try:
-        # celery.bin.celery.main() takes no arguments: call its click group directly.
+        # Imported here: Celery's command line loads click, Flower and tornado, which no other
+        # command needs. celery.bin.celery.main() takes no arguments: call its click group.
+        from celery.bin.celery import celery
+
         celery.main(args=args, prog_name="hipchat-poller", auto_envvar_prefix="CELERY")
     except SystemExit as exc:  # click always ends with SystemExit in standalone mode
         code = exc.code
@@ -123,16 +164,17 @@ def _celery(command: str, options: list[str]) -> int:
     return 0
 
 
-def _warn(settings: Settings) -> None:
-    for warning in settings.warnings():
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    _warn(settings)
     # On embedded defaults this is the one process using the database: it may upgrade it.
-    services_ready(settings, upgrade=settings.embedded)
+    _warn(settings.warnings())
+    _warn(services_ready(settings, upgrade=settings.embedded))
+    record(settings, "run", args.metrics_port, args.metrics_host)
     app = create_app(settings)
     rt = Runtime.of(app)
     mode = "embedded (in-process broker and bucket)" if settings.embedded else "Redis"

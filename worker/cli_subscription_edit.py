@@ -41,7 +41,9 @@ NOTIFY_ONLY = ("color", "format", "from_", "alert")
 def register(sub: Any) -> None:
     group = sub.add_parser("subscription", help="update, pause or resume one subscription")
     actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
-    update = actions.add_parser("update", help="change filter, name or target; keeps its place")
+    update = actions.add_parser(
+        "update", help="change filter, name, target or include-own; keeps its place"
+    )
     update.add_argument("id", type=int)
     update.add_argument("--name", help="a new name (unique per connection)")
     found = update.add_mutually_exclusive_group()
@@ -53,6 +55,12 @@ def register(sub: Any) -> None:
         "--no-alert", dest="alert", action="store_false", default=None, help="for --notify"
     )
     update.add_argument("--no-secret", action="store_true", help="webhooks: stop signing")
+    update.add_argument(
+        "--include-own",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="history events: fire on this connection's own posts too (or not)",
+    )
     update.set_defaults(handler=cmd_update)
     for name, handler, text in (
         ("pause", cmd_pause, "stop new events for a subscription"),
@@ -78,6 +86,7 @@ def cmd_update(args: argparse.Namespace) -> int:
                 filter=None if args.no_filter else (args.filter or row.filter),
                 backfill=row.backfill,
                 name=args.name or row.name,
+                include_own=row.include_own if args.include_own is None else args.include_own,
             )
         errors = handler_errors(target)
         if errors:

@@ -62,6 +62,12 @@ def register(sub: Any) -> None:
     s.add_argument("--filter", help="regex for room_message; its groups become `matches`")
     s.add_argument("--backfill", type=int, default=0, help="replay the last N items at priming")
     s.add_argument("--name", help="a name for the subscription (unique per connection)")
+    s.add_argument(
+        "--include-own",
+        action="store_true",
+        help="history events: fire on this connection's own posts too (off: a reply never "
+        "answers itself)",
+    )
     add_target_options(s, required=True)
     s.set_defaults(handler=cmd_subscribe)
 
@@ -144,6 +150,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
             filter=args.filter,
             backfill=args.backfill,
             name=f"{args.name}-{event}" if args.name and len(args.event) > 1 else args.name,
+            include_own=args.include_own,
         )
         for event in args.event
     ]
@@ -199,6 +206,7 @@ def subs_view(row: Any, connection: str | None = None) -> dict[str, Any]:
         "state": row.state,
         "state_reason": row.state_reason,
         "primed": row.primed_at is not None,
+        "include_own": bool(row.include_own),
     }
 
 

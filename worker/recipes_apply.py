@@ -13,9 +13,10 @@
                              an unknown room rolls the whole change back
 
 Ownership: a subscription whose name starts with ``recipe:`` belongs to the file. It is
-created, updated in place (target, filter, backfill: its priming state is kept), re-created
-(connection, event or room changed: it primes again) or removed to match. Other subscriptions
-are never touched, and connections the file does not name only go with ``prune_connections``.
+created, updated in place (target, filter, backfill, include_own: its priming state is kept),
+re-created (connection, event or room changed: it primes again) or removed to match. Other
+subscriptions are never touched, and connections the file does not name only go with
+``prune_connections``.
 
 Tokens and webhook secrets are compared decrypted and never appear in the returned lines, in
 errors or in logs; the lines name what changed (``~ connection ops (token)``), never values.
@@ -85,6 +86,7 @@ def _stored_subscription(rt: Runtime, row: Subscription, connection: str) -> Sto
         target_kind=row.target_kind,
         target=target,
         backfill=row.backfill or 0,
+        include_own=bool(row.include_own),
         secret=None if encrypted is None else _decrypt(rt, str(encrypted)),
     )
 
@@ -196,6 +198,7 @@ def _update_subscription(
         row.target = stored_target(rt, spec.target_kind, recipe.full_target())
     row.filter = spec.filter
     row.backfill = spec.backfill
+    row.include_own = spec.include_own
     s.flush()
 
 
@@ -217,6 +220,7 @@ def _add_subscription(
         target=stored_target(rt, spec.target_kind, recipe.full_target()),
         backfill=spec.backfill,
         name=recipe.stored_name,
+        include_own=spec.include_own,
     )
     s.flush()
     if room is not None:

@@ -20,7 +20,16 @@ from worker.yaml_reader import YamlReader, line_of, plain_value
 
 NAME_MAX_CHARS = 64  # the subscriptions.name column
 TARGET_KEYS = ("action", "webhook", "log", "handler")
-SUBSCRIPTION_KEYS = ("name", "connection", "event", "room", "filter", "backfill", *TARGET_KEYS)
+SUBSCRIPTION_KEYS = (
+    "name",
+    "connection",
+    "event",
+    "room",
+    "filter",
+    "backfill",
+    "include_own",
+    *TARGET_KEYS,
+)
 ACTION_KEYS: dict[str, tuple[type, ...]] = {
     "action": (str,),
     "message": (str,),
@@ -72,6 +81,7 @@ class SubscriptionReader:
             room=None if room is None else str(room),
             filter=self._optional("filter", (str,)),
             backfill=self._optional("backfill", (int,)) or 0,
+            include_own=bool(self._optional("include_own", (bool,))),
         )
         recipes = [self._recipe(name or "?", replace(spec, event=e)) for e in events or []]
         self._check_specs([r.spec for r in recipes])

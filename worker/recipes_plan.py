@@ -41,6 +41,7 @@ class StoredSubscription:
     target: dict[str, Any]  # without secret_encrypted
     backfill: int
     secret: str | None = field(default=None, repr=False)
+    include_own: bool = False
 
 
 # -- the changes ------------------------------------------------------------------------------
@@ -171,5 +172,6 @@ def changed_fields(old: StoredSubscription, recipe: SubscriptionRecipe) -> tuple
         != (spec.target_kind, spec.target, recipe.secret),
         "filter": old.filter != spec.filter,
         "backfill": old.backfill != spec.backfill,
+        "include_own": old.include_own != spec.include_own,
     }
     return tuple(f for f, changed in differs.items() if changed)

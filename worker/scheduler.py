@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from celery.beat import Scheduler
@@ -46,6 +47,7 @@ from storage.connections import active_poll_offsets, connection_changes
 from storage.db import chunks
 from storage.errors import StorageUnavailable
 from storage.models import utcnow
+from tasks import metrics
 from tasks.redis_conn import redis_errors
 from tasks.runtime import Runtime
 from worker.poll_schedule import PollSchedule, interval_index, resumed_index
@@ -69,6 +71,7 @@ BATCH_SECONDS = 0.05  # the shortest sleep: each poll is sent at most this late
 SEND_BATCH = 500  # messages per pipelined publish
 SENDS_PER_TICK = 5000  # the rest of a start-up burst goes on the next (immediate) tick
 BROKER_RETRY_SECONDS = 1.0
+HEARTBEAT_EVERY = 5.0  # seconds between touches of BEAT_HEARTBEAT_FILE
 CLAIM_READ_BATCH = 1000
 
 
@@ -119,6 +122,8 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
         self._last_relay = -math.inf
         self._last_purge = -math.inf
         self._retry_sends_at = -math.inf
+        self._last_heartbeat = -math.inf
+        self._broker_failed = False  # the last send failed (until one succeeds)
         super().__init__(*args, **kwargs)
 
     @property
@@ -149,7 +154,19 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
         self._send_due(now)
         self._send_relay(now)
         self._send_purge(now)
+        self._heartbeat(now)
         return self._sleep(now)
+
+    def _heartbeat(self, now: float) -> None:
+        """Touch ``BEAT_HEARTBEAT_FILE`` while beat ticks and the broker takes its sends."""
+        path = self.runtime.settings.beat_heartbeat_file
+        if not path or self._broker_failed or now - self._last_heartbeat < HEARTBEAT_EVERY:
+            return
+        self._last_heartbeat = now
+        try:
+            Path(path).touch()
+        except OSError as exc:
+            log.warning("beat: cannot touch the heartbeat file %s: %s", path, exc)
 
     # -- the connection list ------------------------------------------------------------------
     def _full_scan(self, now: float) -> None:
@@ -258,6 +275,7 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
             return
         expires = self._schedule.interval
         sent = self._send([Message(POLL_TASK, [s.connection_id, s.index], expires) for s in due])
+        metrics.polls_sent(sent)
         for slot in due[:sent]:
             self._schedule.sent(slot)
         for slot in due[sent:]:
@@ -300,6 +318,7 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
                             )
                     sent += len(part)
         except Exception as exc:  # the broker is down: try again on a later tick
+            self._broker_failed = True
             log.warning(
                 "beat: could not send %d of %d tasks (%s: %s); trying again in %.0fs",
                 len(messages) - sent,
@@ -310,6 +329,7 @@ class ConnectionScheduler(Scheduler):  # type: ignore[misc]
                 exc_info=True,
             )
         else:
+            self._broker_failed = False
             log.debug("beat: sent %d tasks", sent)
         return sent
 

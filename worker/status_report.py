@@ -223,13 +223,14 @@ def _connection(
         next_poll_at=datetime.fromtimestamp(due, UTC) if active else None,
         poll_status=health.status if health else None,
         failing_since=health.failing_since if health else None,
-        failing_rooms=_failing_rooms(health.rooms if health else {}, room_names),
+        failing_rooms=failing_rooms(health.rooms if health else {}, room_names),
         budget=_budget(settings, usage),
         active_subscriptions=active_subscriptions,
     )
 
 
-def _failing_rooms(rooms: Mapping[str, Any], names: Mapping[int, str | None]) -> list[RoomFailure]:
+def failing_rooms(rooms: Mapping[str, Any], names: Mapping[int, str | None]) -> list[RoomFailure]:
+    """The rooms failing on their own, from a health record's ``rooms``, by room id."""
     failures = []
     for key, value in sorted((rooms or {}).items()):
         entry = value if isinstance(value, dict) else {}
