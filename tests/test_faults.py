@@ -310,7 +310,7 @@ def test_a_429_stops_every_call_of_the_connection_until_the_stated_reset(
 
 # -- 8. A burst of actions on a small budget ----------------------------------------------------
 RETRY_LINE = re.compile(r"\[([0-9a-f-]{36})\] retry: ")
-BURST = 60  # actions, at CAPACITY per WINDOW: 150 at 20 per 10 s scaled down by 2.5 in time
+BURST = 60  # the 150 at 20 per 10 s (75 s), scaled down: 60 at 20 per 4 s (12 s)
 
 
 def retries(stack: FaultStack, task_ids: set[str]) -> int:
