@@ -17,7 +17,9 @@ MAX_CALLS = 1_000_000  # oldest records drop off beyond this, so long benchmarks
 class CallRecord:
     """``token`` is the one the call presented (header or ``auth_token``), or None; ``path``
     is the raw path without the query string; ``query`` leaves out ``auth_token``; ``status``
-    is 0 when the connection was closed without an answer (the ``reset`` fault)."""
+    is 0 when the connection was closed without an answer (the ``reset`` fault);
+    ``ratelimit_reset`` is the ``X-Ratelimit-Reset`` the answer carried, as sent (an epoch, or
+    seconds under the ``reset_quirk`` fault; None without an answer)."""
 
     token: str | None
     method: str
@@ -25,6 +27,7 @@ class CallRecord:
     query: dict[str, str]
     status: int
     time: float
+    ratelimit_reset: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -34,6 +37,7 @@ class CallRecord:
             "query": dict(self.query),
             "status": self.status,
             "time": self.time,
+            "ratelimit_reset": self.ratelimit_reset,
         }
 
 

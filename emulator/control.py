@@ -206,6 +206,7 @@ def inject_fault(state: EmulatorState, p: dict[str, str], req: Request) -> Respo
         method=body.get("method"),
         status=int(body.get("status", 503)),
         delay_seconds=float(body.get("delay_seconds", 0.0)),
+        reset_seconds=int(body.get("reset_seconds", 60)),
     )
     return _ok(fault, 201)
 

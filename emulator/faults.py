@@ -10,8 +10,8 @@ Kinds:
   (``Content-Length`` matches the cut body).
 * ``rate_limit``: answer 429 "Rate Limit exceeded" with ``X-Ratelimit-Remaining: 0``.
 * ``reset_quirk``: a modifier, not an answer: the next responses carry
-  ``X-Ratelimit-Reset: 60`` instead of an epoch. Combine it with ``rate_limit`` for the
-  real-world 429 quirk.
+  ``X-Ratelimit-Reset: 60`` (``reset_seconds``) instead of an epoch. Combine it with
+  ``rate_limit`` for the real-world 429 quirk.
 
 A call takes at most one answer fault (the oldest that matches) plus at most one
 ``reset_quirk``; each use consumes one of the fault's ``count``. Not locked:
@@ -38,6 +38,7 @@ class Fault:
     method: str | None = None
     status: int = 503
     delay_seconds: float = 0.0
+    reset_seconds: int = 60  # reset_quirk: the number sent as X-Ratelimit-Reset
 
     def matches(self, method: str, path: str) -> bool:
         if self.method is not None and self.method != method:
@@ -65,6 +66,7 @@ class FaultPlan:
         method: str | None = None,
         status: int = 503,
         delay_seconds: float = 0.0,
+        reset_seconds: int = 60,
     ) -> Fault:
         if kind not in FAULT_KINDS:
             raise BadRequestError(f"unknown fault kind {kind!r}; one of {', '.join(FAULT_KINDS)}")
@@ -74,17 +76,26 @@ class FaultPlan:
             raise BadRequestError("status must be an HTTP status code")
         if delay_seconds < 0:
             raise BadRequestError("delay_seconds must not be negative")
+        if not 0 <= reset_seconds < 1_000_000_000:  # 1e9 and above would read as an epoch
+            raise BadRequestError("reset_seconds must be within 0..999999999")
         fault = Fault(
-            kind, count, path_prefix, method.upper() if method else None, status, delay_seconds
+            kind,
+            count,
+            path_prefix,
+            method.upper() if method else None,
+            status,
+            delay_seconds,
+            reset_seconds,
         )
         self._faults.append(fault)
         return fault
 
-    def take(self, method: str, path: str) -> tuple[Fault | None, bool]:
-        """The answer fault for this call (or None) and whether the reset quirk applies."""
+    def take(self, method: str, path: str) -> tuple[Fault | None, int | None]:
+        """The answer fault for this call (or None), and the seconds the reset quirk sends
+        as ``X-Ratelimit-Reset`` (None: no quirk, the reset is an epoch)."""
         answer = self._consume(method, path, quirk=False)
         quirk = self._consume(method, path, quirk=True)
-        return answer, quirk is not None
+        return answer, None if quirk is None else quirk.reset_seconds
 
     def _consume(self, method: str, path: str, *, quirk: bool) -> Fault | None:
         for fault in self._faults:

@@ -19,9 +19,10 @@ class WindowStats:
     reset_at: float
     allowed: bool
 
-    def headers(self, prefix: str, *, reset_quirk: bool = False) -> dict[str, str]:
-        """``{prefix}-Limit/-Remaining/-Reset``; the quirk sends ``"60"`` as the reset."""
-        reset = "60" if reset_quirk else str(math.ceil(self.reset_at))
+    def headers(self, prefix: str, *, reset_seconds: int | None = None) -> dict[str, str]:
+        """``{prefix}-Limit/-Remaining/-Reset``; with ``reset_seconds`` (the quirk, ``60`` as
+        seen on real 429s) the reset is that number instead of the window's end as an epoch."""
+        reset = str(reset_seconds) if reset_seconds is not None else str(math.ceil(self.reset_at))
         return {
             f"{prefix}-Limit": str(self.limit),
             f"{prefix}-Remaining": str(self.remaining),

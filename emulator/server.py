@@ -178,10 +178,10 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.server.state
         now = state.now()
         token = req.token
-        fault, reset_quirk = state.take_fault(req.method, req.raw_path)
+        fault, reset_seconds = state.take_fault(req.method, req.raw_path)
         kind = fault.kind if fault else None
         if fault and kind == "reset":
-            self._log(req, token, 0, now)
+            self._log(req, token, 0, now, None)
             return None
         if fault and kind == "delay":
             time.sleep(fault.delay_seconds)
@@ -198,13 +198,16 @@ class _Handler(BaseHTTPRequestHandler):
             response.status, response.body = 200, MALFORMED_BODY
         elif kind == "truncated_json":
             response.status, response.body = 200, truncate(response.body)
-        response.headers.update(window.headers("X-Ratelimit", reset_quirk=reset_quirk))
-        self._log(req, token, response.status, now)
+        rate_headers = window.headers("X-Ratelimit", reset_seconds=reset_seconds)
+        response.headers.update(rate_headers)
+        self._log(req, token, response.status, now, rate_headers["X-Ratelimit-Reset"])
         return response
 
-    def _log(self, req: Request, token: str | None, status: int, now: float) -> None:
+    def _log(
+        self, req: Request, token: str | None, status: int, now: float, reset: str | None
+    ) -> None:
         query = {k: v for k, v in req.query.items() if k != "auth_token"}
-        record = CallRecord(token, req.method, req.raw_path, query, status, now)
+        record = CallRecord(token, req.method, req.raw_path, query, status, now, reset)
         self.server.state.record_call(record)
 
 

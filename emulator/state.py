@@ -314,6 +314,7 @@ class EmulatorState(Store):
         method: str | None = None,
         status: int = 503,
         delay_seconds: float = 0.0,
+        reset_seconds: int = 60,
     ) -> JSON:
         with self.lock:
             fault = self.faults.add(
@@ -323,10 +324,11 @@ class EmulatorState(Store):
                 method=method,
                 status=status,
                 delay_seconds=delay_seconds,
+                reset_seconds=reset_seconds,
             )
             return fault.as_dict()
 
-    def take_fault(self, method: str, path: str) -> tuple[Fault | None, bool]:
+    def take_fault(self, method: str, path: str) -> tuple[Fault | None, int | None]:
         with self.lock:
             return self.faults.take(method, path)
 

@@ -23,6 +23,7 @@ from typing import Any
 from storage import connections as conns
 from storage.errors import (
     BadRequest,
+    BucketEmpty,
     NeedsAttention,
     NotFound,
     StorageUnavailable,
@@ -125,9 +126,19 @@ class Actions:
         return f"Actions(connection={self.name!r})"
 
     @contextmanager
-    def _client(self, calls: int) -> Iterator[HipChatClient]:
-        """A client with ``calls`` calls already taken from the budget (more pages take more)."""
-        self._take(calls)
+    def _client(self, calls: int, *, first_post: bool = False) -> Iterator[HipChatClient]:
+        """A client with ``calls`` calls already taken from the budget (more pages take more).
+
+        ``first_post``: this attempt has just recorded its operation's intent to post. If the
+        budget makes it wait, it never called HipChat, so the intent is withdrawn: it comes
+        back as a first attempt (the one call it reserved), not as one that may have posted
+        (which looks at the room's history first, a call its reservation does not cover)."""
+        try:
+            self._take(calls)
+        except BucketEmpty:
+            if first_post:
+                self._withdraw()
+            raise
         with self.rt.client(self.connection_id, self._base_url, self._token, prepaid=calls) as c:
             yield c
 
@@ -186,7 +197,7 @@ class Actions:
         _refuse(_ref_errors(room) + message_errors(message, MESSAGE_MAX_CHARS))
         ref = _room_arg(room)
         earlier = self._began()
-        with self._client(calls=1 if earlier is None else 2) as client:
+        with self._client(calls=1 if earlier is None else 2, first_post=earlier is None) as client:
             if earlier is not None:
                 found = _earlier_post(
                     self.rt, self.connection_id, client, ref, earlier, "message", message, None
@@ -218,7 +229,7 @@ class Actions:
         ref = _room_arg(room)
         result = {"sent": True, "color": color, "message_format": message_format, "notify": notify}
         earlier = self._began()
-        with self._client(calls=1 if earlier is None else 2) as client:
+        with self._client(calls=1 if earlier is None else 2, first_post=earlier is None) as client:
             if earlier is not None:
                 found = _earlier_post(
                     self.rt,
@@ -267,6 +278,14 @@ class Actions:
         if self.operation is None:
             return None
         return self.rt.posts.begin(self.connection_id, self.operation)
+
+    def _withdraw(self) -> None:
+        if self.operation is None:
+            return
+        try:
+            self.rt.posts.withdraw(self.connection_id, self.operation)
+        except StorageUnavailable as exc:  # the next attempt looks at the history first
+            log.warning("connection %s: post intent kept: %s", self.connection_id, exc)
 
     def _remember(self, key: str) -> None:
         # The post is made: a failure to remember it must not fail the action (the poll then

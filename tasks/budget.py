@@ -15,9 +15,10 @@ What the budget adds on top of that rule:
   a delivery) gets the first moment its calls fit, written into the log, and comes back then
   holding the reservation: one wait, no retry storm, first come first served (a later caller
   queues behind every reservation). A reservation is honoured from its moment until
-  ``margin / 2`` after it (so that a late caller cannot squeeze two calls closer than W); a
-  caller that comes back early gets the same reservation with what is left of its wait, and
-  one later than the tolerance gives its slot back (its stamps stood for no call and leave
+  ``margin / 2`` after it (so that a late caller cannot squeeze two calls closer than W),
+  and for the calls it reserved, no more; a caller that comes back early gets the same
+  reservation with what is left of its wait, and one later than the tolerance, or wanting
+  more calls than it reserved, gives its slot back (its stamps stood for no call and leave
   the log) and queues again.
 * **HipChat's own word** (:meth:`observe`, :meth:`observe_429`): ``X-Ratelimit-Remaining`` /
   ``-Reset`` and 429s lower the budget until HipChat's reset, whatever our own count says.
@@ -236,7 +237,7 @@ class SlidingLogBudget:
             raise ValueError(f"n must be within 1..{self.capacity}, got {n}")
         status, wait_us, stamp, epoch = self._take(connection_id, n, mode, held or "")
         if status == Status.RESERVED:
-            return Grant(Status.RESERVED, wait_us / 1_000_000, f"{epoch}:{stamp}")
+            return Grant(Status.RESERVED, wait_us / 1_000_000, f"{epoch}:{stamp}:{n}")
         if status == Status.GRANTED:
             return Grant(Status.GRANTED)
         return Grant(Status.REFUSED, wait_us / 1_000_000)

@@ -30,6 +30,11 @@ CREATE TABLE IF NOT EXISTS budget_state (
     remaining INTEGER,
     reset INTEGER NOT NULL DEFAULT 0
 );
+-- The latest reset a 429 stated: no headers lift its zero before then (budget_ceiling.lua).
+CREATE TABLE IF NOT EXISTS budget_refusals (
+    connection_id INTEGER PRIMARY KEY,
+    until INTEGER NOT NULL
+);
 """
 
 
@@ -53,6 +58,14 @@ class SqliteLog:
         with self._shared.transaction() as db:
             now = _now_us()
             if reset_us <= now:
+                return
+            if why == "429":
+                db.execute(
+                    "INSERT INTO budget_refusals (connection_id, until) VALUES (?, ?) "
+                    "ON CONFLICT (connection_id) DO UPDATE SET until = max(until, excluded.until)",
+                    (connection_id, reset_us),
+                )
+            elif _refused_until(db, connection_id) > now:
                 return
             row = db.execute(
                 "SELECT remaining, reset FROM budget_state WHERE connection_id = ?",
@@ -91,6 +104,7 @@ class SqliteLog:
         with self._shared.transaction() as db:
             db.execute("DELETE FROM budget_log WHERE connection_id = ?", (connection_id,))
             db.execute("DELETE FROM budget_state WHERE connection_id = ?", (connection_id,))
+            db.execute("DELETE FROM budget_refusals WHERE connection_id = ?", (connection_id,))
 
     def recent(self, connection_id: int) -> tuple[list[int], int, int, int]:
         with self._shared.transaction() as db:
@@ -137,21 +151,22 @@ def _take(
     remaining = stored_remaining if capped else 0
 
     if held and mode == "reserve":
-        held_epoch, _, held_stamp = held.partition(":")
-        stamp = int(held_stamp)
+        held_epoch, held_stamp, *counted = held.split(":")
+        stamp, reserved = int(held_stamp), int(counted[0]) if counted else 1
         if held_epoch == str(epoch):
-            if now < stamp:  # early: the same reservation
+            if n <= reserved and now < stamp:  # early: the same reservation
                 return 2, stamp - now, stamp, epoch
-            if now <= stamp + limits.tolerance:  # due
+            if n <= reserved and now <= stamp + limits.tolerance:  # due
                 if capped and remaining < n:
                     return 0, reset - now, 0, 0
                 if capped:
                     _spend(db, conn, n)
                 return 1, 0, stamp, 0
-            # late: its slot passed unused; its stamps stood for no call
+            # late, or wanting more than it reserved: its slot goes unused; its stamps stood
+            # for no call
             db.executemany(
                 "DELETE FROM budget_log WHERE connection_id = ? AND stamp = ?",
-                [(conn, stamp + i) for i in range(n)],
+                [(conn, stamp + i) for i in range(reserved)],
             )
 
     earliest = now
@@ -185,6 +200,13 @@ def _take(
     if waits:
         return 2, earliest - now, earliest, epoch
     return 1, 0, earliest, 0
+
+
+def _refused_until(db: sqlite3.Connection, conn: int) -> int:
+    row = db.execute(
+        "SELECT until FROM budget_refusals WHERE connection_id = ?", (conn,)
+    ).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def _nth_newest(db: sqlite3.Connection, conn: int, n: int) -> int | None:

@@ -18,12 +18,12 @@
 -- ARGV[1]  n, the calls wanted, 1 <= n <= C (the caller checks)
 -- ARGV[2]  mode: "take" (now or never), "reserve" (now, or the first moment n calls fit,
 --          written into the log so that later takers queue behind), "peek" (writes nothing)
--- ARGV[3]  a reservation this caller holds, "<epoch>:<stamp>", or "" for none
+-- ARGV[3]  a reservation this caller holds, "<epoch>:<stamp>:<calls reserved>", or "" for none
 --
 -- Returns 0 when the calls are granted now (a held reservation that is due counts as this);
 -- a positive integer when refused: the microseconds until n calls fit, if nobody else takes
 -- first; or, when reserved, {wait_us, stamp, epoch}: call in wait_us, holding
--- "<epoch>:<stamp>". (Plain integers keep the common answers cheap to send and to read.)
+-- "<epoch>:<stamp>:<n>". (Plain integers keep the common answers cheap to send and to read.)
 --
 -- Rules, for every window of W microseconds to hold at most C stamps:
 --   * a new stamp s must satisfy s >= (the C-n+1-th newest stamp) + W;
@@ -67,19 +67,23 @@ local reset = tonumber(st[3] or '0')
 local capped = st[2] and reset > now
 local remaining = capped and tonumber(st[2]) or 0
 
--- A held reservation (of this epoch: older ones went with the lost log):
+-- A held reservation (of this epoch: older ones went with the lost log) covers the calls it
+-- reserved, no more (one more would be a call the log does not hold):
 --   * early (a clock or a timer ran fast): the same reservation, with what is left of its wait;
 --   * due: the caller's to use, it is already in the log;
---   * late (a busy worker came back after the tolerance): its slot passed unused, so its stamps
---     leave the log (they stood for no call) and the caller queues again like anyone else.
+--   * late (a busy worker came back after the tolerance), or wanting more calls than it
+--     reserved: its slot goes unused, so its stamps leave the log (they stood for no call) and
+--     the caller queues again like anyone else.
 if held ~= '' and mode == 'reserve' then
   local sep = string.find(held, ':', 1, true)
-  local stamp = tonumber(string.sub(held, sep + 1))
+  local sep2 = string.find(held, ':', sep + 1, true)
+  local stamp = tonumber(string.sub(held, sep + 1, (sep2 or 0) - 1))
+  local reserved = sep2 and tonumber(string.sub(held, sep2 + 1)) or 1
   if string.sub(held, 1, sep - 1) == epoch then
-    if now < stamp then
+    if n <= reserved and now < stamp then
       return {stamp - now, stamp, epoch}
     end
-    if now <= stamp + tolerance then
+    if n <= reserved and now <= stamp + tolerance then
       if capped and remaining < n then
         return reset - now
       end
@@ -88,7 +92,7 @@ if held ~= '' and mode == 'reserve' then
       end
       return 0
     end
-    for i = 0, n - 1 do
+    for i = 0, reserved - 1 do
       redis.call('LREM', log, 1, int(stamp + i))
     end
   end

@@ -54,6 +54,9 @@ class Posts(Protocol):
         """Record that ``operation`` is about to post; the start time (epoch seconds) of an
         earlier attempt of the same operation, or None if this is the first."""
 
+    def withdraw(self, connection_id: int, operation: str) -> None:
+        """Forget ``operation``'s intent: the attempt that recorded it never called HipChat."""
+
     def remember(self, connection_id: int, keys: Iterable[str]) -> None:
         """These posts (:func:`message_key`, :func:`notification_key`) are the connection's."""
 
@@ -75,6 +78,11 @@ class RedisPosts:
             pipe.get(key)
             created, stored = pipe.execute()
         return None if created else float(stored)
+
+    def withdraw(self, connection_id: int, operation: str) -> None:
+        key = self._keys.post_intent(connection_id, _operation(operation))
+        with redis_errors("post intent", f"connection {connection_id}"):
+            self._redis.delete(key)
 
     def remember(self, connection_id: int, keys: Iterable[str]) -> None:
         members = {k: time.time() for k in keys}
@@ -136,6 +144,13 @@ class SqlitePosts:
                 (connection_id, _operation(operation), now),
             )
         return None
+
+    def withdraw(self, connection_id: int, operation: str) -> None:
+        with self._shared.transaction() as db:
+            db.execute(
+                "DELETE FROM post_intents WHERE connection_id = ? AND operation = ?",
+                (connection_id, _operation(operation)),
+            )
 
     def remember(self, connection_id: int, keys: Iterable[str]) -> None:
         now = time.time()

@@ -70,8 +70,9 @@ class Settings:
     webhook_backoff_base_seconds: float = 2.0
     webhook_backoff_max_seconds: float = 600.0
     action_max_attempts: int = 10
-    # A message a dead worker held comes back after this long (Redis broker). Longer than
-    # the longest countdown: a budget reservation (15 min at most) or a webhook backoff.
+    # A message a dead worker held comes back after this long, plus up to 10 s (Redis broker,
+    # worker.app.RESTORE_INTERVAL_SECONDS). Longer than the longest countdown: a budget
+    # reservation (15 min at most) or a webhook backoff.
     broker_visibility_timeout_seconds: float = 3600.0
 
     handlers_module: str | None = None

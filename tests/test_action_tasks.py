@@ -30,7 +30,7 @@ from tasks.celery_tasks import (
 from tasks.runtime import Runtime
 from tests.actions_support import add_connection, make_settings
 from tests.waiting import wait_for
-from worker.app import ACTION_QUEUE, create_app
+from worker.app import ACTION_QUEUE, broker_url_for, create_app, transport_options
 
 ACTION_TASKS = [
     "hipchat.action.list_room_users",
@@ -59,13 +59,15 @@ def app(tmp_path: Path, emulator: EmulatorServer) -> Celery:
     return app
 
 
-def run_as_worker(task: Task, *args: Any, headers: dict[str, Any] | None = None) -> Any:
+def run_as_worker(
+    task: Task, *args: Any, headers: dict[str, Any] | None = None, task_id: str = "test-task-id"
+) -> Any:
     """Run ``task`` the way a worker does (not eager, not called directly), so that
     ``self.retry`` publishes the retry and raises :class:`Retry` carrying its countdown.
     (``task.apply()`` would re-run an eager retry at once, without the countdown.)
     ``headers``: the custom headers of the message, as a retry carries them."""
     task.push_request(
-        id="test-task-id", args=list(args), kwargs={}, retries=0, is_eager=False,
+        id=task_id, args=list(args), kwargs={}, retries=0, is_eager=False,
         called_directly=False, delivery_info={}, headers=headers,
     )  # fmt: skip
     try:
@@ -238,6 +240,33 @@ def test_a_spent_budget_reserves_the_call_and_the_task_comes_back_for_it(
     assert len(emulator.state.call_log.select()) == 3
 
 
+def test_a_post_that_waited_for_the_budget_comes_back_for_one_call(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    """A post refused by the budget never called HipChat: it comes back as a first attempt,
+    for the one call it reserved, not as one that may have posted, which would look at the
+    room's history first: a second call the reservation does not cover (the fault suite saw
+    40 calls in a window of 20 from a burst of posts)."""
+    app = make_app(
+        tmp_path, emulator, bucket_capacity=2, bucket_window_seconds=1.0, bucket_margin_seconds=0.2
+    )
+    task = app.tasks["hipchat.action.post_message"]
+    for first in ("first", "then"):
+        run_as_worker(task, "ops", "General", first, task_id=first)
+    with pytest.raises(Retry) as caught:
+        run_as_worker(task, "ops", "General", "second", task_id="second")
+    empty = caught.value.__context__
+    assert isinstance(empty, BudgetEmpty)
+    assert caught.value.sig is not None
+    headers = caught.value.sig.options["headers"]
+    due = time.monotonic() + empty.retry_after
+    wait_for(lambda: time.monotonic() >= due, 5, "the reservation to be due")
+    sent = run_as_worker(task, "ops", "General", "second", headers=headers, task_id="second")
+    assert "repeated" not in sent
+    calls = [(c.method, c.path) for c in emulator.state.call_log.select()]
+    assert calls == [("POST", "/v2/room/General/message")] * 3
+
+
 def test_only_hipchats_failures_count_toward_action_max_attempts(
     tmp_path: Path, emulator: EmulatorServer
 ) -> None:
@@ -273,6 +302,25 @@ def test_every_task_has_soft_and_hard_time_limits(tmp_path: Path, emulator: Emul
     # An action makes up to three calls, each within the HTTP timeouts (5 s + 30 s).
     assert app.tasks["hipchat.action.post_message"].soft_time_limit == 3 * 35.0 + 10.0
     assert app.conf.broker_transport_options == {"polling_interval": 0.1}  # in-process
+
+
+def test_a_dead_workers_messages_come_back_soon_after_the_visibility_timeout(
+    tmp_path: Path,
+) -> None:
+    """kombu looks for messages whose visibility timeout has passed every
+    ``unacked_restore_interval`` seconds, but (since kombu 5.7) scans Redis only on every
+    ``unacked_restore_throttle``-th look: every 100 s by default. A task a killed worker held
+    came back 95 s after the kill with a 15 s timeout (the fault suite, scenario 3a)."""
+    settings = make_settings(
+        tmp_path, redis_url="redis://127.0.0.1:6379/0", broker_visibility_timeout_seconds=15.0
+    )
+    options = transport_options(broker_url_for(settings), settings)
+    assert options["visibility_timeout"] == 15.0
+    # kombu's defaults are 10 and 10: what is not set here is left to them.
+    sweep = options.get("unacked_restore_interval", 10) * options.get(
+        "unacked_restore_throttle", 10
+    )
+    assert sweep <= 10
 
 
 def test_an_action_past_its_soft_time_limit_is_a_failure_and_retried(

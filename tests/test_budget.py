@@ -542,6 +542,48 @@ def test_a_429_stops_everything_until_reset(frozen: tuple[Backend, FrozenClock])
     assert b.usage(CONN).used == 0  # a refused take spent nothing
 
 
+def test_a_reservation_covers_only_the_calls_it_reserved(
+    frozen: tuple[Backend, FrozenClock],
+) -> None:
+    """A caller that comes back wanting more calls than it reserved is not granted them on
+    its reservation (each call beyond it would be one more in the window than the log holds):
+    it queues again. Fewer calls than reserved are granted."""
+    backend, clock = frozen
+    b = backend.make(capacity=2, window=10.0)
+    assert b.take(CONN, 2) == GRANTED
+    one = b.reserve(CONN, 1)
+    two = b.reserve(CONN, 2)
+    assert (one.status, one.wait, two.status) == (Status.RESERVED, 10.0, Status.RESERVED)
+    clock.now += one.wait
+    more = b.reserve(CONN, 2, held=one.reservation)
+    assert more.status is Status.RESERVED  # behind everyone who reserved meanwhile
+    assert more.wait >= 10.0
+    clock.now += two.wait - one.wait
+    assert b.reserve(CONN, 1, held=two.reservation) == GRANTED
+
+
+def test_no_answer_lifts_a_429_before_its_reset(frozen: tuple[Backend, FrozenClock]) -> None:
+    """An answer that comes in after a 429 may have left HipChat before it (a call in flight
+    on another worker while this one was refused): its headers, even announcing a later reset
+    with calls to spare, do not lift the 429's stop before the 429's own reset."""
+    backend, clock = frozen
+    b = backend.make(capacity=10)
+    now = clock.now
+    b.observe(CONN, remaining=90, reset_at=now + 300)  # HipChat's 5-minute window
+    b.observe_429(CONN, reset_at=now + 3)  # "X-Ratelimit-Reset: 3"
+    b.observe(CONN, remaining=89, reset_at=now + 300)  # the late 200 of a call in flight
+    assert b.peek(CONN) == refused(3.0)
+    b.observe(CONN, remaining=50, reset_at=now + 600)
+    assert b.peek(CONN) == refused(3.0)
+    clock.now = now + 1
+    b.observe_429(CONN, reset_at=now + 2)  # an earlier reset shortens nothing
+    assert b.peek(CONN) == refused(2.0)
+    clock.now = now + 3  # the 429's reset: HipChat's headers count again
+    assert b.peek(CONN) == GRANTED
+    b.observe(CONN, remaining=0, reset_at=now + 300)
+    assert b.peek(CONN) == refused(297.0)
+
+
 def test_the_later_of_log_and_ceiling_decides(frozen: tuple[Backend, FrozenClock]) -> None:
     backend, clock = frozen
     b = backend.make(capacity=1, window=60.0)

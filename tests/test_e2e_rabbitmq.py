@@ -378,7 +378,7 @@ def test_an_action_waits_for_its_reservation_and_retries_with_its_headers(
     first, reserved, failed = sent
     assert first.headers.get("eta") is None
     assert reserved.headers["eta"]
-    assert str(reserved.headers[RESERVATION_HEADER]).count(":") == 1  # "<epoch>:<stamp>"
+    assert str(reserved.headers[RESERVATION_HEADER]).count(":") == 2  # "<epoch>:<stamp>:<n>"
     assert reserved.headers[FAILURES_HEADER] == 0  # waiting is not failing
     assert failed.headers["eta"]
     assert failed.headers[FAILURES_HEADER] == 1

@@ -98,6 +98,43 @@ def test_reset_quirk_with_rate_limit(emulator: EmulatorServer, emulator_api: Emu
     assert int(normal.headers["X-Ratelimit-Reset"]) > 1_000_000_000
 
 
+def test_reset_quirk_sends_the_seconds_it_is_given(
+    emulator: EmulatorServer, emulator_api: EmulatorApi
+) -> None:
+    emulator.state.inject_fault("rate_limit")
+    emulator.state.inject_fault("reset_quirk", reset_seconds=4)
+    limited = emulator_api.get("/v2/room")
+    assert limited.status_code == 429
+    assert limited.headers["X-Ratelimit-Reset"] == "4"
+    with pytest.raises(ValueError, match="reset_seconds"):
+        emulator.state.inject_fault("reset_quirk", reset_seconds=1_000_000_000)  # an epoch
+    created = emulator_api.post(
+        "/_emulator/faults", json={"kind": "reset_quirk", "reset_seconds": 7}
+    )
+    assert created.status_code == 201
+    assert created.json()["reset_seconds"] == 7
+    assert emulator_api.get("/v2/room").headers["X-Ratelimit-Reset"] == "7"
+
+
+def test_the_call_log_keeps_the_reset_each_answer_stated(
+    emulator: EmulatorServer, emulator_api: EmulatorApi
+) -> None:
+    emulator_api.get("/v2/room")
+    emulator.state.inject_fault("rate_limit")
+    emulator.state.inject_fault("reset_quirk", reset_seconds=3)
+    emulator_api.get("/v2/room")
+    emulator.state.inject_fault("reset")
+    with pytest.raises(requests.ConnectionError):
+        emulator_api.get("/v2/room")
+    epoch, quirk, dropped = emulator.state.calls()
+    assert epoch.ratelimit_reset is not None
+    assert int(epoch.ratelimit_reset) >= epoch.time
+    assert (quirk.status, quirk.ratelimit_reset) == (429, "3")
+    assert (dropped.status, dropped.ratelimit_reset) == (0, None)
+    logged = emulator_api.get("/_emulator/calls").json()["items"]
+    assert [c["ratelimit_reset"] for c in logged] == [epoch.ratelimit_reset, "3", None]
+
+
 def test_clear_and_validate_faults(emulator: EmulatorServer, emulator_api: EmulatorApi) -> None:
     emulator.state.inject_fault("status", count=5)
     emulator.state.clear_faults()
@@ -129,6 +166,7 @@ def test_call_log_records_and_filters(make_emulator: Callable[..., EmulatorServe
         query={"max-results": "5"},
         status=200,
         time=1_000.0,
+        ratelimit_reset=str(1_000 + 300),  # the window opened with this call: 300 s
     )
     assert calls[1].token == alice_token
     assert calls[1].query == {}  # auth_token is never copied into the query

@@ -45,6 +45,15 @@ def test_the_first_attempt_has_no_earlier_intent(posts: Posts) -> None:
     assert posts.begin(CONN, "event:sub:1:x") is None
 
 
+def test_a_withdrawn_intent_leaves_the_next_attempt_a_first_one(posts: Posts) -> None:
+    assert posts.begin(CONN, "task:waited") is None
+    assert posts.begin(CONN + 1, "task:waited") is None
+    posts.withdraw(CONN, "task:waited")  # that attempt never called HipChat
+    assert posts.begin(CONN, "task:waited") is None
+    assert posts.begin(CONN + 1, "task:waited") is not None  # per connection
+    posts.withdraw(CONN, "task:never-began")  # nothing to forget: harmless
+
+
 def test_own_posts_are_remembered_per_connection(posts: Posts) -> None:
     mine = [message_key("m-1"), notification_key("pong hello", "bot")]
     posts.remember(CONN, mine)

@@ -63,6 +63,13 @@ def time_limits(settings: Settings) -> dict[str, dict[str, float]]:
     }
 
 
+# How often each worker looks for messages a dead worker held whose visibility timeout has
+# passed (kombu's Redis transport). kombu 5.7 scans Redis only on every
+# unacked_restore_throttle-th look, 10 by default: such messages came back up to 100 s after
+# their timeout. A throttle of 1 brings them back within this many seconds of it.
+RESTORE_INTERVAL_SECONDS = 10
+
+
 def transport_options(broker: str, settings: Settings) -> dict[str, float | bool]:
     if broker.startswith("memory://"):
         # Polling the in-process memory broker every second would make the embedded demo lag.
@@ -76,7 +83,11 @@ def transport_options(broker: str, settings: Settings) -> dict[str, float | bool
         # than its consumer_timeout (30 min by default), which must therefore outlast every
         # countdown (docs/scaling.md, "Beyond one machine").
         return {"confirm_publish": True}
-    return {"visibility_timeout": settings.broker_visibility_timeout_seconds}
+    return {
+        "visibility_timeout": settings.broker_visibility_timeout_seconds,
+        "unacked_restore_interval": RESTORE_INTERVAL_SECONDS,
+        "unacked_restore_throttle": 1,
+    }
 
 
 def result_backend_for(settings: Settings, broker: str) -> str:
@@ -120,8 +131,9 @@ def create_app(settings: Settings) -> Celery:
         task_track_started=True,
         task_annotations=time_limits(settings),
         # Messages a worker holds (running, or waiting for their countdown) come back to the
-        # queue this long after a worker died holding them; it must outlast every countdown
-        # the project uses (see time_limits and docs/reliability.md).
+        # queue this long (plus at most RESTORE_INTERVAL_SECONDS) after a worker died holding
+        # them; it must outlast every countdown the project uses (see time_limits and
+        # docs/reliability.md).
         broker_transport_options=transport_options(broker, settings),
         beat_scheduler="worker.scheduler:ConnectionScheduler",
         beat_max_loop_interval=min(5.0, settings.poll_interval_seconds),
